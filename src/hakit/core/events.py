@@ -1,0 +1,105 @@
+"""Inputs of the pure core: what happened, as data. The driver creates them; the core reads them.
+
+Time is never read by the core: every call to a machine's ``step`` carries ``now`` (seconds on
+the driver's monotonic clock, or a simulated clock in tests).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from hakit.model import NodeId, State
+
+
+class Verb(StrEnum):
+    """Operator commands on a module (`hakit VERB -m MODULE`)."""
+
+    START = "start"
+    STOP = "stop"
+    RESTART = "restart"  # stop_prim + start_prim on the primary, no failover
+    STOPSTART = "stopstart"  # stop the module (handing over), then start it again
+    SWAP = "swap"  # primary and secondary exchange roles
+    PRIM = "prim"  # start, or switch, as primary
+    SECOND = "second"  # start, or switch, as secondary
+
+
+class CheckerAction(StrEnum):
+    """What a failing checker asks for."""
+
+    RESTART = "restart"  # restart locally (up to max_restarts), then fail over
+    FAILOVER = "failover"  # hand the module over to the secondary
+    STOP = "stop"  # stop the module on this node
+
+
+@dataclass(frozen=True)
+class PeerModuleStatus:
+    """The peer's view of one module, as carried in its latest heartbeat.
+
+    ``claims_primary``: the peer runs, or is about to run, the application as primary (it may
+    hold the VIP). ``epoch``: the highest primary epoch the peer knows. ``primary_epoch``: the
+    epoch of the peer's latest primary term (0: never primary). ``handover``: the peer left the
+    primary role so that this node takes it. ``swap_request``: the peer (secondary) asks this
+    node (primary) to swap. ``acked_version``: the version of this node's status (for this
+    node's current incarnation) that the peer had processed when it built this status, or -1;
+    a decision that assumes the peer will not take over needs it equal to this node's current
+    version, so that the peer decided knowing this node's current state.
+    """
+
+    node: NodeId
+    state: State
+    claims_primary: bool
+    epoch: int
+    primary_epoch: int
+    handover: bool = False
+    swap_request: bool = False
+    acked_version: int = -1
+
+
+@dataclass(frozen=True)
+class Tick:
+    """Time passes: timers (start-up wait, loop guard window) are checked."""
+
+
+@dataclass(frozen=True)
+class PeerHeard:
+    """A heartbeat from the peer arrived carrying this module's status on the peer."""
+
+    status: PeerModuleStatus
+
+
+@dataclass(frozen=True)
+class PeerLost:
+    """No heartbeat from the peer on any network for the heartbeat timeout."""
+
+    node: NodeId
+    silent_for: float
+
+
+@dataclass(frozen=True)
+class ScriptDone:
+    """A script (or the step it ends, e.g. VIP addition then start_prim) finished."""
+
+    script: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class CheckerFailed:
+    """A checker reported the application unhealthy."""
+
+    checker: str
+    action: CheckerAction
+    detail: str
+
+
+@dataclass(frozen=True)
+class Command:
+    """An operator command. ``force`` confirms a dangerous command (e.g. ``prim --force``)."""
+
+    verb: Verb
+    force: bool = False
+
+
+Event = Tick | PeerHeard | PeerLost | ScriptDone | CheckerFailed | Command

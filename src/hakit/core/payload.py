@@ -1,0 +1,102 @@
+"""Module statuses inside heartbeats: to and from the JSON payload of an envelope. Pure.
+
+Each module entry carries this node's status and an *acknowledgement*: the incarnation and
+status version of the peer's module that this node last processed. The receiver turns the
+acknowledgement into ``acked_version`` (its own version if the incarnation is its current one,
+else -1): see :class:`hakit.core.events.PeerModuleStatus`.
+
+Input comes from the network (authenticated, but still checked): anything malformed raises
+:class:`PayloadError` and the whole heartbeat is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from hakit.core.events import PeerModuleStatus
+from hakit.core.mirror import Status
+from hakit.model import ModuleName, NodeId, State
+
+T = TypeVar("T")
+
+
+class PayloadError(ValueError):
+    """A heartbeat payload that does not have the expected shape."""
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The peer's module status this node last processed: (peer incarnation, version)."""
+
+    incarnation: int = -1
+    version: int = -1
+
+
+def encode(statuses: Mapping[ModuleName, Status], acks: Mapping[ModuleName, Ack]) -> dict[str, Any]:
+    modules: dict[str, Any] = {}
+    for name, st in statuses.items():
+        ack = acks.get(name, Ack())
+        modules[name] = {
+            "state": st.state.value,
+            "claims": st.claims_primary,
+            "epoch": st.epoch,
+            "pepoch": st.primary_epoch,
+            "handover": st.handover,
+            "swap": st.swap_request,
+            "ver": st.version,
+            "ack": [ack.incarnation, ack.version],
+        }
+    return {"modules": modules}
+
+
+@dataclass(frozen=True)
+class Received:
+    """One module's entry of a peer's heartbeat, decoded."""
+
+    status: PeerModuleStatus
+    version: int  # the peer's status version (to acknowledge back)
+
+
+def decode(
+    payload: Mapping[str, Any], sender: NodeId, my_incarnation: int
+) -> dict[ModuleName, Received]:
+    modules = payload.get("modules")
+    if not isinstance(modules, dict):
+        raise PayloadError("modules: expected an object")
+    out: dict[ModuleName, Received] = {}
+    for name, entry in modules.items():
+        if not isinstance(entry, dict):
+            raise PayloadError(f"modules.{name}: expected an object")
+        try:
+            state = State(_get(entry, "state", str))
+        except ValueError as exc:
+            raise PayloadError(f"modules.{name}.state: unknown state") from exc
+        ack = entry.get("ack")
+        if not (isinstance(ack, list) and len(ack) == 2 and all(_is_int(a) for a in ack)):
+            raise PayloadError(f"modules.{name}.ack: expected [incarnation, version]")
+        status = PeerModuleStatus(
+            node=sender,
+            state=state,
+            claims_primary=_get(entry, "claims", bool),
+            epoch=_get(entry, "epoch", int),
+            primary_epoch=_get(entry, "pepoch", int),
+            handover=_get(entry, "handover", bool),
+            swap_request=_get(entry, "swap", bool),
+            acked_version=ack[1] if ack[0] == my_incarnation else -1,
+        )
+        out[ModuleName(name)] = Received(status, _get(entry, "ver", int))
+    return out
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _get(entry: Mapping[str, Any], key: str, kind: type[T]) -> T:
+    value = entry.get(key)
+    ok = _is_int(value) if kind is int else isinstance(value, kind)
+    if not ok:
+        raise PayloadError(f"{key}: expected {kind.__name__}")
+    return value  # type: ignore[return-value]

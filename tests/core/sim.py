@@ -1,0 +1,286 @@
+"""A deterministic simulated cluster for the pure core: simulated time, in-memory network.
+
+Nodes run the real :class:`MirrorMachine` and :class:`PeerTracker` and exchange the real
+heartbeat payload (:mod:`hakit.core.payload`) through an in-memory network that can be
+``cut`` (one node isolated), ``heal``-ed, and whose nodes can be powered off and on. Scripts
+take a configurable simulated time. The application is modelled as running on a node from the
+start of ``start_prim`` until the end of ``stop_prim``; the VIP from ``AddVips`` to ``DelVips``.
+
+``run(seconds)`` advances time in 10 ms steps and, after every step, checks the safety
+invariant: at most one node runs the application or holds a VIP of a module — except after a
+``cut`` (no arbitration yet: both may run ALONE), until the first moment after ``heal`` when
+the nodes hear each other again and have converged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from hakit.core import payload
+from hakit.core.actions import AddVips, DelVips, Persist, RunScript, Transitioned
+from hakit.core.events import (
+    CheckerAction,
+    CheckerFailed,
+    Command,
+    Event,
+    PeerHeard,
+    PeerLost,
+    ScriptDone,
+    Tick,
+    Verb,
+)
+from hakit.core.mirror import CommandRefused, Durable, MirrorMachine, MirrorSettings
+from hakit.core.peers import PeerTracker
+from hakit.model import ModuleName, NodeId, State
+
+STEP = 0.01
+
+
+@dataclass
+class SimModule:
+    machine: MirrorMachine
+    durable: Durable = field(default_factory=Durable)
+    script: tuple[str, float, bool] | None = None  # (name, done at, ok)
+    app: bool = False
+    vip: bool = False
+    ack: payload.Ack = field(default_factory=payload.Ack)
+
+
+@dataclass
+class SimNode:
+    name: NodeId
+    peer: NodeId
+    settings: dict[ModuleName, MirrorSettings]
+    powered: bool = True
+    incarnation: int = 1
+    modules: dict[ModuleName, SimModule] = field(default_factory=dict)
+    tracker: PeerTracker | None = None
+    next_heartbeat: float = 0.0
+
+
+class SimCluster:
+    """Two nodes, ``n1`` and ``n2``, running the given mirror modules."""
+
+    def __init__(
+        self,
+        modules: dict[str, dict[str, object]] | None = None,
+        *,
+        interval: float = 0.5,
+        timeout: float = 3.0,
+        script_seconds: float = 0.2,
+    ) -> None:
+        self.now = 0.0
+        self.interval, self.timeout = interval, timeout
+        self.script_seconds: dict[tuple[str, str, str], float] = {}
+        self.default_script_seconds = script_seconds
+        self.failing_scripts: set[tuple[str, str, str]] = set()
+        self.cut_nodes: set[str] = set()
+        self.partitioned = False  # a cut happened since the last heal with both nodes up
+        self.healed_at = 0.0
+        self.transcript: list[str] = []
+        self.in_flight: list[tuple[float, NodeId, NodeId, int, dict[str, object]]] = []
+        self.on_step: list[Callable[[SimCluster], None]] = []
+        mods = modules or {"app": {}}
+        self.nodes: dict[str, SimNode] = {}
+        for name, peer in (("n1", "n2"), ("n2", "n1")):
+            settings = {
+                ModuleName(m): MirrorSettings(
+                    node=NodeId(name),
+                    peer=NodeId(peer),
+                    startup_wait=timeout,
+                    **opts,  # type: ignore[arg-type]
+                )
+                for m, opts in mods.items()
+            }
+            node = SimNode(NodeId(name), NodeId(peer), settings)
+            self.nodes[name] = node
+            self._boot(node)
+
+    # -------------------------------------------------------------- operator
+    def command(
+        self, node: str, verb: Verb | str, module: str = "app", force: bool = False
+    ) -> None:
+        """Run a command; raises CommandRefused like the agent would report it."""
+        n = self.nodes[node]
+        self._step(n, ModuleName(module), Command(Verb(verb), force))
+
+    def start_both(self, module: str = "app") -> None:
+        self.command("n1", Verb.START, module)
+        self.command("n2", Verb.START, module)
+
+    def checker_fails(self, node: str, action: CheckerAction, module: str = "app") -> None:
+        n = self.nodes[node]
+        self._step(n, ModuleName(module), CheckerFailed("proc", action, "process gone"))
+
+    def fail_script(self, node: str, module: str, script: str) -> None:
+        self.failing_scripts.add((node, module, script))
+
+    # -------------------------------------------------------------- faults
+    def cut(self, node: str) -> None:
+        self.cut_nodes.add(node)
+        self.partitioned = True
+        self.log(f"-- cut {node}")
+
+    def heal(self) -> None:
+        self.cut_nodes.clear()
+        self.healed_at = self.now
+        self.log("-- heal")
+
+    def poweroff(self, node: str) -> None:
+        n = self.nodes[node]
+        n.powered = False
+        for m in n.modules.values():
+            m.app = m.vip = False
+            m.script = None
+        self.log(f"-- poweroff {node}")
+
+    def poweron(self, node: str) -> None:
+        n = self.nodes[node]
+        n.powered = True
+        n.incarnation += 1
+        self.log(f"-- poweron {node}")
+        self._boot(n)
+
+    # -------------------------------------------------------------- observation
+    def state(self, node: str, module: str = "app") -> State:
+        return self.nodes[node].modules[ModuleName(module)].machine.state
+
+    def states(self, module: str = "app") -> tuple[State, State]:
+        return self.state("n1", module), self.state("n2", module)
+
+    def serving(self, module: str = "app") -> list[str]:
+        """Nodes where the application runs or the VIP is held."""
+        return [
+            name
+            for name, n in self.nodes.items()
+            if n.powered
+            and (n.modules[ModuleName(module)].app or n.modules[ModuleName(module)].vip)
+        ]
+
+    def log(self, line: str) -> None:
+        self.transcript.append(f"{self.now:7.2f} {line}")
+
+    # -------------------------------------------------------------- time
+    def run(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self.now < end - 1e-9:
+            self.now = round(self.now + STEP, 6)
+            self._advance()
+
+    def run_until(self, cond: Callable[[], bool], limit: float = 30.0) -> float:
+        """Advance until ``cond()``; return the simulated time it took. Fails after ``limit``."""
+        start = self.now
+        while not cond():
+            if self.now - start > limit:
+                raise AssertionError(
+                    f"condition not reached in {limit} s:\n" + "\n".join(self.transcript[-30:])
+                )
+            self.now = round(self.now + STEP, 6)
+            self._advance()
+        return self.now - start
+
+    # -------------------------------------------------------------- internals
+    def _boot(self, node: SimNode) -> None:
+        node.tracker = PeerTracker([node.peer], self.timeout)
+        node.next_heartbeat = self.now
+        old = node.modules
+        node.modules = {}
+        for name, settings in node.settings.items():
+            durable = old[name].durable if name in old else Durable()
+            node.modules[name] = SimModule(MirrorMachine(settings, durable), durable)
+        for name, m in node.modules.items():
+            if m.durable.wanted:
+                self._step(node, name, Command(Verb.START))
+
+    def _step(self, node: SimNode, module: ModuleName, event: Event) -> None:
+        m = node.modules[module]
+        try:
+            actions = m.machine.step(self.now, event)
+        except CommandRefused as exc:
+            self.log(f"{node.name} {module}: refused: {exc}")
+            raise
+        for action in actions:
+            match action:
+                case Transitioned(old=old, new=new, reason=reason):
+                    self.log(f"{node.name} {module}: {old} -> {new} ({reason})")
+                case Persist():
+                    m.durable = Durable(
+                        action.wanted, action.state, action.epoch, action.primary_epoch
+                    )
+                case AddVips():
+                    m.vip = True
+                case DelVips():
+                    m.vip = False
+                case RunScript(script=script):
+                    key = (node.name, module, script)
+                    took = self.script_seconds.get(key, self.default_script_seconds)
+                    if script == "start_prim":
+                        m.app = True
+                    m.script = (script, self.now + took, key not in self.failing_scripts)
+        if actions:
+            node.next_heartbeat = self.now  # send the new status at once
+
+    def _advance(self) -> None:
+        # deliver heartbeats due now
+        due = [msg for msg in self.in_flight if msg[0] <= self.now]
+        self.in_flight = [msg for msg in self.in_flight if msg[0] > self.now]
+        for _, src, dst, inc, body in due:
+            self._deliver(src, dst, inc, body)
+        for node in self.nodes.values():
+            if not node.powered:
+                continue
+            for name, m in node.modules.items():
+                if m.script and m.script[1] <= self.now:
+                    script, _, ok = m.script
+                    m.script = None
+                    if script == "stop_prim":
+                        m.app = False
+                    self._step(node, name, ScriptDone(script, ok, "" if ok else "exit 1"))
+            assert node.tracker is not None
+            for change in node.tracker.tick(self.now):
+                for name in node.modules:
+                    self._step(node, name, PeerLost(change.node, change.silent_for))
+            for name in node.modules:
+                self._step(node, name, Tick())
+            if self.now >= node.next_heartbeat:
+                self._send(node)
+                node.next_heartbeat = self.now + self.interval
+        if (
+            self.partitioned
+            and not self.cut_nodes
+            and all(self._heard_since_heal(n) for n in self.nodes.values())
+            and all(len(self.serving(m)) <= 1 for m in self.nodes["n1"].modules)
+        ):
+            self.partitioned = False  # the split brain of the cut has been resolved
+        for hook in self.on_step:
+            hook(self)
+        if not self.partitioned:
+            for module in self.nodes["n1"].modules:
+                serving = self.serving(module)
+                assert len(serving) <= 1, (
+                    f"{module} served by {serving} at {self.now}:\n"
+                    + "\n".join(self.transcript[-30:])
+                )
+
+    def _heard_since_heal(self, node: SimNode) -> bool:
+        assert node.tracker is not None
+        last = node.tracker.peers[node.peer].last_heard.get("lan", -1.0)
+        return node.powered and last > self.healed_at
+
+    def _send(self, node: SimNode) -> None:
+        statuses = {name: m.machine.status() for name, m in node.modules.items()}
+        acks = {name: m.ack for name, m in node.modules.items()}
+        body = payload.encode(statuses, acks)
+        self.in_flight.append((self.now + 0.001, node.name, node.peer, node.incarnation, body))
+
+    def _deliver(self, src: NodeId, dst: NodeId, inc: int, body: dict[str, object]) -> None:
+        s, d = self.nodes[src], self.nodes[dst]
+        if not (s.powered and d.powered) or src in self.cut_nodes or dst in self.cut_nodes:
+            return
+        assert d.tracker is not None
+        d.tracker.heard(self.now, src, "lan", inc)
+        for name, received in payload.decode(body, src, d.incarnation).items():
+            if name in d.modules:
+                d.modules[name].ack = payload.Ack(inc, received.version)
+                self._step(d, name, PeerHeard(received.status))
