@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := iproute2 nftables fuse3 util-linux procps psmisc curl
+DEB_PACKAGES := iproute2 nftables fuse3 util-linux procps psmisc curl iputils-ping
 BENCH_PACKAGES := keepalived bc
 
 .PHONY: demo test lint typecheck unit integration deps venv bench-failover clean lab-down

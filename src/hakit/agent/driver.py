@@ -1,0 +1,251 @@
+"""The agent: one per node. Owns the clock, the heartbeat sockets and the module runners.
+
+One asyncio loop. Every ``tick`` (a fifth of the heartbeat interval, at most 50 ms) the peer
+tracker is checked for lost peers and every machine gets a ``Tick``; a heartbeat carrying every
+module's *published* status goes out every ``interval`` and at once whenever a status changes.
+Scripts, VIP changes and checkers run in their own tasks, so heartbeats never wait for them.
+
+Start-up order: bump the incarnation (persisted) → load module records → remove VIPs left
+behind → bind heartbeat sockets and the API → start the modules that were running before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import time
+from typing import Any
+
+from hakit.agent.module_runner import ModuleRunner
+from hakit.agent.store import Store
+from hakit.api.server import ApiServer
+from hakit.config import Config
+from hakit.core import payload
+from hakit.core.events import Command, PeerHeard, PeerLost, PeerModuleStatus, Tick, Verb
+from hakit.core.peers import PeerTracker
+from hakit.model import ModuleName, NodeId, State
+from hakit.net.heartbeat import HeartbeatTransport
+from hakit.net.wire import Envelope
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: Config, node: str) -> None:
+        if node not in config.cluster.nodes:
+            raise ValueError(
+                f"node {node!r} is not in {config.path} (nodes: {sorted(config.cluster.nodes)})"
+            )
+        self.config = config
+        self.node = node
+        self.clock = time.monotonic
+        self.store = Store(config.cluster.state_dir)
+        self.incarnation = 0
+        self.seq = 0
+        hb = config.cluster.heartbeat
+        self.interval = hb.interval
+        self.tick_period = min(hb.interval / 5, 0.05)
+        peers = [n for n in config.cluster.nodes if n != node]
+        self.tracker = PeerTracker([NodeId(p) for p in peers], hb.timeout)
+        self.modules: dict[str, ModuleRunner] = {}
+        self.acks: dict[tuple[str, str], payload.Ack] = {}  # (peer, module) -> ack
+        self.send_soon = asyncio.Event()
+        self.stopping = asyncio.Event()
+        self.transport: HeartbeatTransport | None = None
+        self.api: ApiServer | None = None
+        self.started_at = time.time()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT; on it, stop every module (handing over) then return."""
+        cfg = self.config.cluster
+        self.incarnation = self.store.next_incarnation()
+        log.info(
+            "agent %s starting (cluster %s, incarnation %d, %d module(s))",
+            self.node,
+            cfg.name,
+            self.incarnation,
+            len(self.config.modules),
+        )
+        for name, module in self.config.modules.items():
+            if self.node not in module.nodes:
+                continue
+            runner = ModuleRunner(
+                module,
+                self.config,
+                self.node,
+                self.store,
+                clock=self.clock,
+                on_change=self.send_soon.set,
+            )
+            self.modules[name] = runner
+            await runner.start()
+        me = cfg.nodes[self.node].addresses
+        self.transport = HeartbeatTransport(
+            self.config.key(),
+            cfg.name,
+            self.node,
+            networks=me,
+            peers={n: c.addresses for n, c in cfg.nodes.items() if n != self.node},
+            port=cfg.heartbeat.port,
+            on_envelope=self._on_envelope,
+        )
+        await self.transport.start()
+        self.api = ApiServer(self)
+        await self.api.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        for runner in self.modules.values():
+            if runner.durable.wanted:
+                runner.note(f"starting at agent start (was {runner.durable.state})")
+                runner.step(Command(Verb.START))
+        log.info("agent %s started", self.node)
+        tasks = [asyncio.create_task(self._ticker()), asyncio.create_task(self._sender())]
+        await self.stopping.wait()
+        await self._shutdown()
+        for t in tasks:
+            t.cancel()
+
+    async def _shutdown(self) -> None:
+        """Stop every running module (handing over to the peer), keeping it wanted for the next
+        start of the agent; give up after the scripts' timeouts."""
+        log.info("agent %s stopping: stopping modules", self.node)
+        wanted = {n for n, r in self.modules.items() if r.durable.wanted}
+        for runner in self.modules.values():
+            with contextlib.suppress(Exception):
+                runner.step(Command(Verb.STOP))
+        deadline = self.clock() + max(
+            (
+                r.module.script_timeout("stop_prim") + r.module.script_timeout("poststop")
+                for r in self.modules.values()
+            ),
+            default=0,
+        )
+        while self.clock() < deadline and any(  # noqa: ASYNC110 - polls every runner
+            r.published.state != State.STOP for r in self.modules.values()
+        ):
+            await asyncio.sleep(0.05)
+        for name in wanted:  # a service stop is not an operator stop: start again at boot
+            r = self.modules[name]
+            r.store.save_module(name, dataclasses.replace(r.durable, wanted=True))
+        if self.api:
+            await self.api.close()
+        if self.transport:
+            self.transport.close()
+        for runner in self.modules.values():
+            await runner.close()
+        log.info("agent %s stopped", self.node)
+
+    # ------------------------------------------------------------------ loops
+    async def _ticker(self) -> None:
+        while True:
+            now = self.clock()
+            for change in self.tracker.tick(now):
+                log.warning("peer %s lost: no heartbeat for %.1f s", change.node, change.silent_for)
+                for runner in self.modules.values():
+                    if runner.peer == change.node:
+                        self._safe_step(runner, PeerLost(change.node, change.silent_for))
+            for runner in self.modules.values():
+                self._safe_step(runner, Tick())
+            await asyncio.sleep(self.tick_period)
+
+    async def _sender(self) -> None:
+        while True:
+            self._send_heartbeat()
+            self.send_soon.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.send_soon.wait(), self.interval)
+
+    def _send_heartbeat(self) -> None:
+        assert self.transport is not None
+        self.seq += 1
+        statuses = {ModuleName(n): r.published for n, r in self.modules.items()}
+        acks = {
+            ModuleName(n): self.acks.get((r.peer, n), payload.Ack())
+            for n, r in self.modules.items()
+        }
+        body = payload.encode(statuses, acks)
+        env = Envelope(self.config.cluster.name, self.node, self.incarnation, self.seq, body)
+        self.transport.send(env)
+
+    def _on_envelope(self, network: str, env: Envelope) -> None:
+        now = self.clock()
+        change = self.tracker.heard(now, NodeId(env.sender), network, env.incarnation)
+        if change is not None:
+            log.info(
+                "peer %s %s (incarnation %d, on %s)",
+                env.sender,
+                "restarted" if change.restarted else "up",
+                env.incarnation,
+                network,
+            )
+        try:
+            received = payload.decode(env.payload, NodeId(env.sender), self.incarnation)
+        except payload.PayloadError as exc:
+            log.warning("heartbeat from %s dropped: bad payload: %s", env.sender, exc)
+            return
+        for name, runner in self.modules.items():
+            if runner.peer != env.sender:
+                continue
+            entry = received.get(ModuleName(name))
+            if entry is None:
+                # the peer does not run this module: it will not take it over
+                status = PeerModuleStatus(
+                    NodeId(env.sender),
+                    State.STOP,
+                    False,
+                    0,
+                    0,
+                    acked_version=runner.machine.version,
+                )
+                self._safe_step(runner, PeerHeard(status))
+                continue
+            self.acks[(env.sender, name)] = payload.Ack(env.incarnation, entry.version)
+            self._safe_step(runner, PeerHeard(entry.status))
+
+    def _safe_step(self, runner: ModuleRunner, event: Any) -> None:
+        try:
+            runner.step(event)
+        except Exception:
+            log.exception("module %s: BUG handling %s; please report it", runner.name, event)
+
+    # ------------------------------------------------------------------ views
+    def state_view(self) -> dict[str, Any]:
+        """Everything `hakit state --json` shows."""
+        now = self.clock()
+        peers = {}
+        for node, p in self.tracker.peers.items():
+            peers[node] = {
+                "alive": p.alive,
+                "silent_for": None if not p.last_heard else round(p.silent_for(now), 2),
+                "networks_up": p.networks_up(now, self.tracker.timeout),
+            }
+        modules = {}
+        for name, r in self.modules.items():
+            st = r.published
+            peer_status = r.machine.peer
+            modules[name] = {
+                "state": st.state.value,
+                "colour": st.state.colour,
+                "reason": st.reason,
+                "since": r.since,
+                "wanted": st.wanted,
+                "epoch": st.epoch,
+                "primary_epoch": st.primary_epoch,
+                "peer": r.peer,
+                "peer_state": peer_status.state.value if peer_status else None,
+                "vips": [v.address for v in r.module.config.vips],
+            }
+        counters = self.transport.counters.as_dict() if self.transport else {}
+        return {
+            "node": self.node,
+            "cluster": self.config.cluster.name,
+            "incarnation": self.incarnation,
+            "peers": peers,
+            "heartbeat": counters,
+            "modules": modules,
+        }

@@ -1,0 +1,231 @@
+"""`hakit` — the command line.
+
+    hakit agent                          run this node's agent (normally a service)
+    hakit state [-m M] [--json]          states of every module (or one, with an exit code)
+    hakit start|stop|restart|stopstart|swap|prim|second -m M
+    hakit log -m M [-n LINES]            the module's log (transitions and script output)
+    hakit config check                   validate the configuration, list every problem
+    hakit lab …                          a whole cluster on this machine (see `hakit lab -h`)
+
+The configuration file is ``--config``, else ``$HAKIT_CONFIG``, else /etc/hakit/cluster.toml.
+`hakit state -m M` exits with STOP=0, WAIT=1, ALONE=2, UP=2, PRIM=3, SECOND=4 (5: error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hakit import config as configmod
+from hakit.api.client import AgentClient, CommandRefusedByAgent
+from hakit.errors import ConfigError, HakitError
+from hakit.model import State
+
+EXIT_ERROR = 5
+VERBS = ("start", "stop", "restart", "stopstart", "swap", "prim", "second")
+VERB_HELP = {
+    "start": "start the module on this node (it becomes PRIM, SECOND or ALONE)",
+    "stop": "stop the module on this node (a primary hands over to the secondary)",
+    "restart": "on the primary: stop_prim then start_prim, without failover",
+    "stopstart": "stop the module on this node, then start it again",
+    "swap": "exchange the roles of primary and secondary",
+    "prim": "start, or switch, this node as primary",
+    "second": "start, or switch, this node as secondary",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="hakit",
+        description=__doc__.split("\n\n")[0].split("—")[1].strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="cluster file (default: $HAKIT_CONFIG or /etc/hakit/cluster.toml)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    # --config is accepted before or after the command (`hakit agent --config F`)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--config", type=Path, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub_add = sub.add_parser
+    sub.add_parser = lambda *a, **k: sub_add(*a, parents=[common], **k)  # type: ignore[method-assign]
+
+    a = sub.add_parser("agent", help="run this node's agent in the foreground")
+    a.add_argument(
+        "--node",
+        default=None,
+        help="this node's name (default: $HAKIT_NODE, the hostname, or the node owning "
+        "a local address)",
+    )
+
+    s = sub.add_parser("state", help="module states on this node")
+    s.add_argument("-m", "--module")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for verb in VERBS:
+        c = sub.add_parser(verb, help=VERB_HELP[verb])
+        c.add_argument("-m", "--module", required=True)
+        if verb == "prim":
+            c.add_argument(
+                "--force",
+                action="store_true",
+                help="confirm starting as primary on data that cannot be proven up to date",
+            )
+
+    lg = sub.add_parser("log", help="the module's log on this node")
+    lg.add_argument("-m", "--module", required=True)
+    lg.add_argument("-n", "--lines", type=int, default=50)
+
+    cfg = sub.add_parser("config", help="configuration tools")
+    cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
+    cfg_sub.add_parser("check", help="validate the cluster file and module folders")
+
+    from hakit.lab.cli import add_lab_parser  # noqa: PLC0415 - keeps `hakit state` start-up light
+
+    add_lab_parser(sub)
+    return p
+
+
+def config_path(args: argparse.Namespace) -> Path:
+    return args.config or Path(os.environ.get("HAKIT_CONFIG", configmod.DEFAULT_CLUSTER_FILE))
+
+
+def client_for(args: argparse.Namespace) -> AgentClient:
+    cfg = configmod.load(config_path(args))
+    return AgentClient(Path(cfg.cluster.run_dir) / "agent.sock")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    console = Console(stderr=False, highlight=False)
+    err = Console(stderr=True, highlight=False)
+    try:
+        return _dispatch(args, console)
+    except ConfigError as exc:
+        err.print(f"[red]configuration problems ({len(exc.problems)}):[/red]")
+        for problem in exc.problems:
+            err.print(f"  - {problem}", markup=False)
+        return EXIT_ERROR
+    except HakitError as exc:
+        err.print(f"[red]error:[/red] {exc}", markup=True)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+def _dispatch(args: argparse.Namespace, console: Console) -> int:
+    if args.command == "agent":
+        return _agent(args)
+    if args.command == "state":
+        return _state(args, console)
+    if args.command in VERBS:
+        return _verb(args, console)
+    if args.command == "log":
+        sys.stdout.write(client_for(args).log(args.module, args.lines))
+        return 0
+    if args.command == "config":
+        cfg = configmod.load(config_path(args))
+        console.print(
+            f"[green]configuration OK[/green]: cluster {cfg.cluster.name!r}, "
+            f"nodes {', '.join(sorted(cfg.cluster.nodes))}, "
+            f"modules {', '.join(sorted(cfg.modules)) or '(none)'}"
+        )
+        return 0
+    if args.command == "lab":
+        from hakit.lab.cli import run_lab  # noqa: PLC0415
+
+        return run_lab(args, console)
+    raise HakitError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def _agent(args: argparse.Namespace) -> int:
+    from hakit.agent.driver import Agent  # noqa: PLC0415
+
+    cfg = configmod.load(config_path(args))
+    node = args.node or os.environ.get("HAKIT_NODE") or _guess_node(cfg)
+    asyncio.run(Agent(cfg, node).run())
+    return 0
+
+
+def _guess_node(cfg: configmod.Config) -> str:
+    host = socket.gethostname().split(".")[0]
+    if host in cfg.cluster.nodes:
+        return host
+    from hakit.system.run import run  # noqa: PLC0415
+
+    out = run(["ip", "-j", "addr", "show"], timeout=5).stdout
+    local = {a["local"] for link in json.loads(out) for a in link.get("addr_info", [])}
+    node = cfg.node_for_local_addresses(local)
+    if node is None:
+        raise HakitError("cannot tell which node this is: pass --node NAME or set HAKIT_NODE")
+    return node
+
+
+def _state(args: argparse.Namespace, console: Console) -> int:
+    view = client_for(args).state()
+    modules = view["modules"]
+    if args.module:
+        if args.module not in modules:
+            raise HakitError(f"no module {args.module!r} on node {view['node']}")
+        modules = {args.module: modules[args.module]}
+    if args.json:
+        print(json.dumps({**view, "modules": modules}, indent=2, sort_keys=True))
+    else:
+        console.print(state_table(view["node"], modules, view.get("peers", {})))
+    if args.module:
+        return State(modules[args.module]["state"]).exit_code
+    return 0
+
+
+def state_table(node: str, modules: dict[str, Any], peers: dict[str, Any]) -> Table:
+    """The coloured state table of one node (used by `hakit state` and the lab)."""
+    table = Table(title=f"node {node}", title_justify="left", expand=False)
+    for col in ("module", "state", "since", "peer", "reason"):
+        table.add_column(col, overflow="fold")
+    for name, m in sorted(modules.items()):
+        peer = m.get("peer") or ""
+        alive = peers.get(peer, {}).get("alive")
+        peer_text = f"{peer} {m.get('peer_state') or ('lost' if alive is False else '?')}"
+        since = time.strftime("%H:%M:%S", time.localtime(m["since"])) if m.get("since") else ""
+        table.add_row(
+            name, f"[{m['colour']}]{m['state']}[/]", since, peer_text, m.get("reason", "")
+        )
+    return table
+
+
+def _verb(args: argparse.Namespace, console: Console) -> int:
+    force = bool(getattr(args, "force", False))
+    try:
+        answer = client_for(args).command(args.module, args.command, force=force)
+    except CommandRefusedByAgent as exc:
+        Console(stderr=True).print(f"[red]refused:[/red] {exc}")
+        return EXIT_ERROR
+    console.print(
+        f"{args.module}: {args.command} accepted — now [bold]{answer['state']}[/] "
+        f"({answer['reason']})"
+    )
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

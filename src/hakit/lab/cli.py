@@ -1,0 +1,202 @@
+"""`hakit lab …`: a whole cluster on this machine (network namespaces on an isolated bridge).
+
+hakit lab up [--nodes 2] [--module TEMPLATE[:NAME]]… [--profile default|fast]
+hakit lab status | down | heal
+hakit lab exec NODE -- CMD…           (NODE may be "client")
+hakit lab poweroff|poweron|cut NODE
+hakit lab probe [--seconds S] [--json]
+hakit lab demo                         the guided tour `make demo` runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import threading
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from hakit.lab import agents
+from hakit.lab.lab import DEFAULT_ROOT, Lab
+from hakit.lab.probe import Analysis, format_summary
+
+PROFILES = {"default": ("500ms", "3s"), "fast": ("100ms", "500ms")}
+
+
+def add_lab_parser(sub: Any) -> None:
+    lab = sub.add_parser("lab", help="a whole cluster on this machine, for trying hakit and tests")
+    lab.add_argument(
+        "--root", default=str(DEFAULT_ROOT), help="lab directory (default %(default)s)"
+    )
+    ls = lab.add_subparsers(dest="lab_command", required=True, metavar="SUBCOMMAND")
+    up = ls.add_parser("up", help="build the lab, start the agents and the modules")
+    up.add_argument("--nodes", type=int, default=2)
+    up.add_argument(
+        "--module",
+        action="append",
+        dest="modules",
+        metavar="TEMPLATE[:NAME]",
+        help="module template (repeatable; default mirror-demo)",
+    )
+    up.add_argument("--networks", type=int, default=1, choices=(1, 2))
+    up.add_argument(
+        "--profile",
+        choices=sorted(PROFILES),
+        default="default",
+        help="heartbeat timing: default (500ms/3s) or fast (100ms/500ms)",
+    )
+    up.add_argument(
+        "--no-start", action="store_true", help="start the agents only, not the modules"
+    )
+    ls.add_parser("status", help="hosts, links and module states")
+    ls.add_parser("down", help="remove everything the lab created (also after a crash)")
+    ls.add_parser("heal", help="plug every cut cable back")
+    ex = ls.add_parser("exec", help="run a command in a node's namespace (or 'client')")
+    ex.add_argument("node")
+    ex.add_argument("argv", nargs=argparse.REMAINDER)
+    for verb, text in (
+        ("poweroff", "pull the plug of a node (SIGKILL everything, links down)"),
+        ("poweron", "boot a node again (its agent starts as at boot)"),
+        ("cut", "unplug a node's network cable(s); processes keep running"),
+    ):
+        p = ls.add_parser(verb, help=text)
+        p.add_argument("node")
+    pr = ls.add_parser("probe", help="the client calls the VIP every 10 ms and reports outages")
+    pr.add_argument("--seconds", type=float, default=10.0)
+    pr.add_argument("--target", default=None, help="ADDRESS:PORT (default: first module's VIP)")
+    pr.add_argument("--json", action="store_true")
+    ls.add_parser("demo", help="guided tour: failover, rejoin, swap (what `make demo` runs)")
+
+
+def run_lab(args: argparse.Namespace, console: Console) -> int:
+    lab = Lab(args.root)
+    cmd = args.lab_command
+    if cmd == "up":
+        interval, timeout = PROFILES[args.profile]
+        modules = args.modules or ["mirror-demo"]
+        with console.status("building the lab (namespaces, bridge, agents)…"):
+            state = lab.up(
+                nodes=args.nodes,
+                modules=modules,
+                networks=args.networks,
+                interval=interval,
+                timeout=timeout,
+            )
+            agents.wait_agents(lab)
+        console.print(
+            f"lab up: nodes {', '.join(state.nodes)}, client 192.0.2.50, "
+            f"modules {', '.join(m.name for m in state.modules)}"
+        )
+        if not args.no_start:
+            start_modules(lab, console)
+        print_states(lab, console)
+        return 0
+    if cmd == "down":
+        removed = lab.down()
+        console.print(f"lab down ({len(removed)} namespaces removed)")
+        return 0
+    if cmd == "status":
+        status = lab.status()
+        if not status.up:
+            console.print(
+                f"no lab at {lab.root}"
+                + (f"; stray namespaces: {status.namespaces}" if status.namespaces else "")
+            )
+            return 1
+        print_hosts(status.to_dict(), console)
+        print_states(lab, console)
+        return 0
+    if cmd == "heal":
+        lab.heal()
+        console.print("every cable plugged back")
+        return 0
+    if cmd == "exec":
+        argv = args.argv[1:] if args.argv[:1] == ["--"] else args.argv
+        if not argv:
+            console.print("[red]give a command after --[/red]")
+            return 2
+        return lab.exec(args.node, argv)
+    if cmd in ("poweroff", "poweron", "cut"):
+        getattr(lab, cmd)(args.node)
+        console.print(f"{args.node}: {cmd} done")
+        return 0
+    if cmd == "probe":
+        analysis = lab.probe(args.seconds, target=args.target)
+        if args.json:
+            print(json.dumps(analysis.to_dict(), indent=2))
+        else:
+            console.print(format_summary(analysis), markup=False)
+        return 0
+    if cmd == "demo":
+        from hakit.lab.demo import run_demo  # noqa: PLC0415
+
+        return int(run_demo(lab, console))
+    raise AssertionError(cmd)  # pragma: no cover
+
+
+def start_modules(lab: Lab, console: Console) -> None:
+    """`hakit start -m M` on every node at the same instant, then wait for PRIM + SECOND."""
+    state = lab.state()
+    for spec in state.modules:
+        agents.command_all(lab, spec.name, "start")
+    for spec in state.modules:
+        with console.status(f"waiting for {spec.name} to be PRIM + SECOND…"):
+            agents.wait_pair(lab, spec.name, timeout=30)
+
+
+def print_states(lab: Lab, console: Console) -> None:
+    table = Table(title="module states", title_justify="left")
+    state = lab.state()
+    table.add_column("module")
+    for node in state.nodes:
+        table.add_column(node)
+    table.add_column("reason (primary side)", overflow="fold")
+    views = {n: agents.view(lab, n) for n in state.nodes}
+    for spec in state.modules:
+        cells, reason = [], ""
+        for node in state.nodes:
+            v = views[node]
+            m = v["modules"].get(spec.name) if v else None
+            if m is None:
+                cells.append("[grey50]down[/]" if v is None else "-")
+                continue
+            cells.append(f"[{m['colour']}]{m['state']}[/]")
+            if m["state"] in ("PRIM", "ALONE") or not reason:
+                reason = m["reason"]
+        table.add_row(spec.name, *cells, reason)
+    console.print(table)
+
+
+def print_hosts(status: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"lab at {status['root']}", title_justify="left")
+    for col in ("host", "namespace", "power", "agent", "links", "addresses"):
+        table.add_column(col, overflow="fold")
+    for h in status["hosts"]:
+        links = ", ".join(
+            f"{link['interface']} "
+            + ("up" if link["admin_up"] and link["bridge_port_up"] else "[red]down[/]")
+            for link in h["links"]
+        )
+        addrs = ", ".join(a for link in h["links"] for a in link["addresses"])
+        agent = (
+            ""
+            if h["name"] == "client"
+            else ("running" if h["agent_alive"] else "[red]not running[/]")
+        )
+        power = "on" if h["powered"] else "[red]off[/]"
+        table.add_row(h["name"], h["namespace"], power, agent, links, addrs)
+    console.print(table)
+
+
+def probe_during(lab: Lab, seconds: float, action: Any, delay: float = 1.0) -> Analysis:
+    """Run the prober for ``seconds`` and call ``action()`` ``delay`` s after it started."""
+    result: dict[str, Analysis] = {}
+    thread = threading.Thread(target=lambda: result.update(a=lab.probe(seconds)))
+    thread.start()
+    time.sleep(delay)
+    action()
+    thread.join()
+    return result["a"]
