@@ -195,6 +195,7 @@ class SimCluster:
 
     def _step(self, node: SimNode, module: ModuleName, event: Event) -> None:
         m = node.modules[module]
+        before = m.machine.status()
         try:
             actions = m.machine.step(self.now, event)
         except CommandRefused as exc:
@@ -218,7 +219,7 @@ class SimCluster:
                     if script == "start_prim":
                         m.app = True
                     m.script = (script, self.now + took, key not in self.failing_scripts)
-        if actions:
+        if actions or m.machine.status() != before:
             node.next_heartbeat = self.now  # send the new status at once
 
     def _advance(self) -> None:
@@ -282,5 +283,8 @@ class SimCluster:
         d.tracker.heard(self.now, src, "lan", inc)
         for name, received in payload.decode(body, src, d.incarnation).items():
             if name in d.modules:
-                d.modules[name].ack = payload.Ack(inc, received.version)
+                ack = payload.Ack(inc, received.version)
+                if d.modules[name].ack != ack:
+                    d.modules[name].ack = ack
+                    d.next_heartbeat = self.now  # acknowledge the peer's new status at once
                 self._step(d, name, PeerHeard(received.status))

@@ -2,7 +2,9 @@
 
 One asyncio loop. Every ``tick`` (a fifth of the heartbeat interval, at most 50 ms) the peer
 tracker is checked for lost peers and every machine gets a ``Tick``; a heartbeat carrying every
-module's *published* status goes out every ``interval`` and at once whenever a status changes.
+module's *published* status goes out every ``interval``, and at once whenever a published
+status changes or a new status of the peer must be acknowledged (acknowledgements do not
+change versions, so this never ping-pongs).
 Scripts, VIP changes and checkers run in their own tasks, so heartbeats never wait for them.
 
 Start-up order: bump the incarnation (persisted) → load module records → remove VIPs left
@@ -204,7 +206,10 @@ class Agent:
                 )
                 self._safe_step(runner, PeerHeard(status))
                 continue
-            self.acks[(env.sender, name)] = payload.Ack(env.incarnation, entry.version)
+            ack = payload.Ack(env.incarnation, entry.version)
+            if self.acks.get((env.sender, name)) != ack:
+                self.acks[(env.sender, name)] = ack
+                self.send_soon.set()  # acknowledge the peer's new status at once
             self._safe_step(runner, PeerHeard(entry.status))
 
     def _safe_step(self, runner: ModuleRunner, event: Any) -> None:
