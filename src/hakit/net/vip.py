@@ -78,49 +78,44 @@ class VipError(NetError):
 
 async def add_vip_async(ifname: str, cidr: str) -> bool:
     """Add ``cidr`` to ``ifname``; False if it was already there."""
-    iface = _parse_cidr(ifname, cidr)
-    try:
-        async with AsyncIPRoute() as ipr:
-            index = await _index(ipr, ifname, f"cannot add VIP {cidr}")
-            await ipr.addr(
-                "add",
-                index=index,
-                address=str(iface.ip),
-                prefixlen=iface.network.prefixlen,
-                family=_family(iface),
-            )
-    except NetlinkError as exc:
-        if exc.code == errno.EEXIST:
-            log.debug("VIP %s already on %s", cidr, ifname)
-            return False
-        raise VipError(f"cannot add VIP {cidr} on {ifname}: {_strerror(exc)}") from exc
-    except OSError as exc:
-        raise VipError(f"cannot add VIP {cidr} on {ifname}: {exc}") from exc
-    log.debug("VIP %s added on %s", cidr, ifname)
-    return True
+    return await _change_address("add", ifname, cidr)
 
 
 async def del_vip_async(ifname: str, cidr: str) -> bool:
     """Remove ``cidr`` from ``ifname``; False if it was not there."""
+    return await _change_address("del", ifname, cidr)
+
+
+_CHANGES = {
+    # op: (errno meaning "nothing to do", error wording)
+    "add": (errno.EEXIST, "cannot add VIP {cidr} on {ifname}"),
+    "del": (errno.EADDRNOTAVAIL, "cannot remove VIP {cidr} from {ifname}"),
+}
+
+
+async def _change_address(op: str, ifname: str, cidr: str) -> bool:
+    """Add or delete one address over netlink; False when it was already (not) there."""
+    unchanged, wording = _CHANGES[op]
+    what = wording.format(cidr=cidr, ifname=ifname)
     iface = _parse_cidr(ifname, cidr)
     try:
         async with AsyncIPRoute() as ipr:
-            index = await _index(ipr, ifname, f"cannot remove VIP {cidr}")
+            index = await _index(ipr, ifname, what.rsplit(" ", 2)[0])
             await ipr.addr(
-                "del",
+                op,
                 index=index,
                 address=str(iface.ip),
                 prefixlen=iface.network.prefixlen,
                 family=_family(iface),
             )
     except NetlinkError as exc:
-        if exc.code == errno.EADDRNOTAVAIL:
-            log.debug("VIP %s was not on %s", cidr, ifname)
+        if exc.code == unchanged:
+            log.debug("VIP %s: nothing to %s on %s", cidr, op, ifname)
             return False
-        raise VipError(f"cannot remove VIP {cidr} from {ifname}: {_strerror(exc)}") from exc
+        raise VipError(f"{what}: {_strerror(exc)}") from exc
     except OSError as exc:
-        raise VipError(f"cannot remove VIP {cidr} from {ifname}: {exc}") from exc
-    log.debug("VIP %s removed from %s", cidr, ifname)
+        raise VipError(f"{what}: {exc}") from exc
+    log.debug("VIP %s: %s done on %s", cidr, op, ifname)
     return True
 
 
