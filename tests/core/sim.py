@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hakit.core import payload
-from hakit.core.actions import AddVips, DelVips, Persist, RunScript, Transitioned
+from hakit.core.actions import AddVips, AnnounceVips, DelVips, Persist, RunScript, Transitioned
 from hakit.core.events import (
     CheckerAction,
     CheckerFailed,
@@ -213,6 +213,8 @@ class SimCluster:
                     m.vip = True
                 case DelVips():
                     m.vip = False
+                case AnnounceVips():
+                    self.log(f"{node.name} {module}: announces its VIP again")
                 case RunScript(script=script):
                     key = (node.name, module, script)
                     took = self.script_seconds.get(key, self.default_script_seconds)

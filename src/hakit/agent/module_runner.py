@@ -29,6 +29,7 @@ from hakit.config import Config, Module
 from hakit.core.actions import (
     Action,
     AddVips,
+    AnnounceVips,
     DelVips,
     Persist,
     RunScript,
@@ -160,6 +161,10 @@ class ModuleRunner:
                 await self._add_vips(batch)
             case DelVips():
                 await self._del_vips()
+            case AnnounceVips():
+                self.note(f"{self.peer} let go of the primary role: announcing the VIPs again")
+                for vip in self.module.config.vips:
+                    self._announce(vip.interface, vip.address, vip.garp_count, vip.garp_interval)
             case StartCheckers():
                 self._start_checkers()
             case StopCheckers():
@@ -180,10 +185,11 @@ class ModuleRunner:
                 self.note(self.vip_failure, error=True)
                 return
             self.note(f"VIP {vip.address} {'added on' if added else 'already on'} {vip.interface}")
-            task = asyncio.create_task(
-                announce(vip.interface, vip.address, vip.garp_count, vip.garp_interval)
-            )
-            task.add_done_callback(self._announce_done)
+            self._announce(vip.interface, vip.address, vip.garp_count, vip.garp_interval)
+
+    def _announce(self, interface: str, address: str, count: int, interval: float) -> None:
+        task = asyncio.create_task(announce(interface, address, count, interval))
+        task.add_done_callback(self._announce_done)
 
     def _announce_done(self, task: asyncio.Task[int]) -> None:
         if not task.cancelled() and task.exception() is not None:

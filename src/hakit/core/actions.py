@@ -57,6 +57,12 @@ class DelVips:
 
 
 @dataclass(frozen=True)
+class AnnounceVips:
+    """Announce the VIPs again (gratuitous ARP): the peer held them too and has let go, so
+    hosts that learned the peer's MAC while both were primary must learn ours again."""
+
+
+@dataclass(frozen=True)
 class StartCheckers:
     """Start the module's checkers (the application now runs as primary)."""
 
@@ -66,4 +72,13 @@ class StopCheckers:
     """Stop the module's checkers (before the application is stopped)."""
 
 
-Action = Transitioned | Persist | RunScript | AddVips | DelVips | StartCheckers | StopCheckers
+Action = (
+    Transitioned
+    | Persist
+    | RunScript
+    | AddVips
+    | DelVips
+    | AnnounceVips
+    | StartCheckers
+    | StopCheckers
+)

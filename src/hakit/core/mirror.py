@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from hakit.core.actions import (
     Action,
     AddVips,
+    AnnounceVips,
     DelVips,
     Persist,
     RunScript,
@@ -165,6 +166,9 @@ class MirrorMachine:
             case ScriptDone():
                 self._script_done(now, event, actions)
             case PeerHeard(status=status):
+                was_contested = self.peer is not None and self.peer.claims_primary
+                if was_contested and not status.claims_primary and self.state.serves:
+                    actions.append(AnnounceVips())  # a healed dual primary: win the VIP back
                 self.peer = status
                 self.peer_silent_for = None
                 self.epoch = max(self.epoch, status.epoch)
