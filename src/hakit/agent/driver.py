@@ -4,7 +4,8 @@ One asyncio loop. Every ``tick`` (a fifth of the heartbeat interval, at most 50 
 tracker is checked for lost peers and every machine gets a ``Tick``; a heartbeat carrying every
 module's *published* status goes out every ``interval``, and at once whenever a published
 status changes or a new status of the peer must be acknowledged (acknowledgements do not
-change versions, so this never ping-pongs).
+change versions, so this never ping-pongs). An acknowledgement goes out only together with
+the status this node built on it (see :mod:`hakit.agent.module_runner`).
 Scripts, VIP changes and checkers run in their own tasks, so heartbeats never wait for them.
 
 Start-up order: bump the incarnation (persisted) → load module records → remove VIPs left
@@ -53,7 +54,6 @@ class Agent:
         peers = [n for n in config.cluster.nodes if n != node]
         self.tracker = PeerTracker([NodeId(p) for p in peers], hb.timeout)
         self.modules: dict[str, ModuleRunner] = {}
-        self.acks: dict[tuple[str, str], payload.Ack] = {}  # (peer, module) -> ack
         self.send_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.transport: HeartbeatTransport | None = None
@@ -166,10 +166,7 @@ class Agent:
         assert self.transport is not None
         self.seq += 1
         statuses = {ModuleName(n): r.published for n, r in self.modules.items()}
-        acks = {
-            ModuleName(n): self.acks.get((r.peer, n), payload.Ack())
-            for n, r in self.modules.items()
-        }
+        acks = {ModuleName(n): r.published_ack for n, r in self.modules.items()}
         body = payload.encode(statuses, acks)
         env = Envelope(self.config.cluster.name, self.node, self.incarnation, self.seq, body)
         self.transport.send(env)
@@ -206,10 +203,9 @@ class Agent:
                 )
                 self._safe_step(runner, PeerHeard(status))
                 continue
-            ack = payload.Ack(env.incarnation, entry.version)
-            if self.acks.get((env.sender, name)) != ack:
-                self.acks[(env.sender, name)] = ack
-                self.send_soon.set()  # acknowledge the peer's new status at once
+            # acknowledged at once, but only with the status this node builds on it (the
+            # runner publishes both together)
+            runner.received_ack = payload.Ack(env.incarnation, entry.version)
             self._safe_step(runner, PeerHeard(entry.status))
 
     def _safe_step(self, runner: ModuleRunner, event: Any) -> None:

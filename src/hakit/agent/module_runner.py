@@ -6,7 +6,8 @@ per module. ``Persist`` is written and fsynced before the next action; VIPs are 
 removed before the next action; a script is started and its end comes back as a
 ``ScriptDone`` event. The status that heartbeats carry (:attr:`published`) is updated only once
 every action of the step that produced it, but the script, has been executed: a peer never
-sees "STOPPING" before the VIP is gone.
+sees "STOPPING" before the VIP is gone. The acknowledgement of the peer's status that
+heartbeats carry is published together with the status built on it, never before.
 
 Caveats: a VIP that cannot be removed is logged as an error; the module goes on (there is
 nothing better to do without fencing, which comes with arbitration).
@@ -39,6 +40,7 @@ from hakit.core.actions import (
 )
 from hakit.core.events import CheckerFailed, Event, ScriptDone
 from hakit.core.mirror import CommandRefused, Durable, MirrorMachine, MirrorSettings, Status
+from hakit.core.payload import Ack
 from hakit.model import NodeId, State
 from hakit.net import NetError
 from hakit.net.vip import add_vip_async, announce, del_vip_async
@@ -51,6 +53,7 @@ log = logging.getLogger(__name__)
 class _Batch:
     actions: list[Action]
     status: Status
+    ack: Ack  # the peer's status version the machine had processed when it produced ``status``
 
 
 class ModuleRunner:
@@ -89,6 +92,13 @@ class ModuleRunner:
         self.durable: Durable = store.load_module(self.name)
         self.machine = MirrorMachine(settings, self.durable)
         self.published: Status = self.machine.status()
+        # What heartbeats acknowledge goes out only with a status built on it: a peer that sees
+        # "acked version v" may rely on this node's published status having taken v into
+        # account (elections and hand-overs need it; see hakit.core.mirror).
+        self.received_ack = Ack()  # set by the driver before stepping a PeerHeard
+        self.published_ack = Ack()
+        self.unpublished = 0  # batches queued or running
+        self.last_queued: tuple[Status, Ack] = (self.published, self.published_ack)
         self.since = time.time()  # wall clock of the last transition, for display only
         self.queue: asyncio.Queue[_Batch] = asyncio.Queue()
         self.script_task: asyncio.Task[None] | None = None
@@ -123,8 +133,16 @@ class ModuleRunner:
     def step(self, event: Event) -> None:
         """Feed one event to the machine now; queue its actions. Raises CommandRefused."""
         actions = self.machine.step(self.clock(), event)
-        if actions or self.machine.status() != self.published:
-            self.queue.put_nowait(_Batch(actions, self.machine.status()))
+        status, ack = self.machine.status(), self.received_ack
+        promised = self.last_queued if self.unpublished else (self.published, self.published_ack)
+        if actions or (status, ack) != promised:
+            if actions or self.unpublished or status != self.published:
+                self.unpublished += 1
+                self.last_queued = (status, ack)
+                self.queue.put_nowait(_Batch(actions, status, ack))
+            else:  # only the acknowledgement is new, and the published status reflects it
+                self.published_ack = ack
+                self.on_change()  # acknowledge the peer's new status at once
 
     def command(self, event: Event) -> Status:
         try:
@@ -143,8 +161,9 @@ class ModuleRunner:
                     await self._execute(action, batch)
             except Exception:
                 log.exception("module %s: BUG executing %s; please report it", self.name, batch)
-            if batch.status != self.published:
-                self.published = batch.status
+            self.unpublished -= 1
+            if batch.status != self.published or batch.ack != self.published_ack:
+                self.published, self.published_ack = batch.status, batch.ack
                 self.on_change()
 
     async def _execute(self, action: Action, batch: _Batch) -> None:
@@ -156,7 +175,9 @@ class ModuleRunner:
                 self.durable = Durable(
                     action.wanted, action.state, action.epoch, action.primary_epoch
                 )
-                self.store.save_module(self.name, self.durable)
+                # fsync off the event loop: a slow disk must not stall heartbeats (the worker
+                # still waits for it before the next action)
+                await asyncio.to_thread(self.store.save_module, self.name, self.durable)
             case AddVips():
                 await self._add_vips(batch)
             case DelVips():

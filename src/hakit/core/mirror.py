@@ -166,9 +166,12 @@ class MirrorMachine:
             case ScriptDone():
                 self._script_done(now, event, actions)
             case PeerHeard(status=status):
-                was_contested = self.peer is not None and self.peer.claims_primary
+                # the peer is heard again, or let go of the primary role, while this node
+                # serves: it may have held the VIPs meanwhile (both primary across a cut), so
+                # hosts may have learned its MAC; announce them again
+                was_contested = self.peer is None or self.peer.claims_primary
                 if was_contested and not status.claims_primary and self.state.serves:
-                    actions.append(AnnounceVips())  # a healed dual primary: win the VIP back
+                    actions.append(AnnounceVips())
                 self.peer = status
                 self.peer_silent_for = None
                 self.epoch = max(self.epoch, status.epoch)
@@ -397,7 +400,7 @@ class MirrorMachine:
             return Trigger.HANDED_OVER, f"{peer.node} handed over ({peer.state})"
         if peer.state in (State.STOP, State.STOPPING):
             return Trigger.PEER_STOPPED, f"{peer.node} is {peer.state}: taking over"
-        if peer.state == State.SECOND:
+        if peer.state == State.SECOND and not self.handover:  # handed over: the peer takes it
             won = self._election(Trigger.WON_ELECTION, Trigger.LOST_ELECTION)
             return won if won[0] == Trigger.WON_ELECTION else None
         return None
