@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from hakit.core.events import CheckerAction, Verb
@@ -31,6 +31,18 @@ operations = st.one_of(
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@example(  # found by this test: a node that had just handed over won an election too
+    ops=[
+        ("heal", None, None),
+        ("cut", "n1", None),
+        ("cmd", "n1", Verb.STOPSTART),
+        ("heal", None, None),
+        ("checker", "n2", CheckerAction.FAILOVER),
+    ],
+    script_seconds=0.0,
+    preferred="n2",
+    failback=False,
+)
 @given(
     ops=st.lists(operations, max_size=25),
     script_seconds=st.sampled_from([0.0, 0.05, 0.3]),
