@@ -148,7 +148,7 @@ def main() -> int:
     keepalived = run_keepalived(args.runs, console) if args.keepalived else None
     console.print(
         f"\n[bold]hakit failover on primary power-off[/] "
-        f"(n={args.runs} per profile; ms, median [min–max])"
+        f"(n={args.runs} per profile; ms, median \\[min–max])"
     )
     summary: dict[str, object] = {"command": command, "runs": rows, "hakit": {}}
     for profile in args.profiles.split(","):
