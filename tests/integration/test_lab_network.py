@@ -26,21 +26,10 @@ from hakit.lab import netns
 from hakit.lab.lab import CLIENT, Lab
 from hakit.system.run import run
 
-
-def _why_no_lab() -> str | None:
-    if os.geteuid() != 0:
-        return "the lab needs root (network namespaces)"
-    try:
-        done = run(["ip", "netns", "list"], timeout=10, check=False)
-    except OSError as exc:
-        return f"`ip netns` unavailable: {exc}"
-    if not done.ok:
-        return f"`ip netns list` fails: {done.stderr.strip()}"
-    return None
-
+from .conftest import why_no_lab
 
 pytestmark = [pytest.mark.integration]
-if (_reason := _why_no_lab()) is not None:
+if (_reason := why_no_lab()) is not None:
     pytestmark.append(pytest.mark.skip(reason=_reason))
 
 
