@@ -1,0 +1,554 @@
+"""The secondary's listener: one primary connection at a time, its requests applied in order.
+
+Threads (no asyncio):
+
+- the **accept thread** waits on the listening sockets; each accepted socket gets a connection
+  thread, which first does the TLS handshake and reads the first frame (it must be HELLO)
+  within :data:`OPEN_TIMEOUT` seconds. A connection that fails there never disturbs the
+  active one.
+- the new connection then **takes over**: the active connection (if any) is told to stop, ends
+  as on :meth:`ReplicaServer.stop` and its thread is joined; only then is ``handlers.hello``
+  called. So requests are never applied from two connections at once (and a connection whose
+  HELLO is then refused has still ended the previous one: its HELLO may depend on that end).
+- the **connection thread** reads requests, applies them through the :class:`Applier` (or the
+  handlers for HELLO, BEGIN_RESYNC, END_RESYNC) and queues the replies, which it sends in
+  order whenever it would otherwise wait for the next request. It is the only thread that
+  touches the socket: an SSL object must not be used by two threads at once.
+- a **flusher thread** per connection runs ``syncfs`` on the replicated file systems for
+  SYNCFS requests (several waiting requests share one flush) and hands the replies back to
+  the connection thread, which goes on applying meanwhile. A SYNCFS reply is only queued
+  after the replies of every request before it, and answers for all of them: they were applied
+  before the flush started.
+
+Contracts:
+
+- BEGIN_RESYNC: ``handlers.begin_resync`` (which persists "resyncing" durably) returns before
+  the reply is queued. END_RESYNC: ``syncfs`` of every root, then ``handlers.end_resync``,
+  then the reply. A handler's ``OSError`` is answered as an error; any other exception ends
+  the connection.
+- :meth:`ReplicaServer.stop` closes the listeners first, then ends the connection: every
+  request already received (buffered here or in the kernel) is applied and answered — reading
+  stops once nothing more is readable, or after :data:`DRAIN_TIMEOUT` seconds if the primary
+  keeps sending; a partial frame is dropped. Pending SYNCFS flushes finish. It joins every
+  thread, is idempotent, and leaves the applier (owned by the caller) open.
+- A protocol error (bad frame, refused path, HELLO not first) ends the connection with
+  ``event("error", …)``; a refused HELLO (``ValueError`` from ``handlers.hello``) is answered
+  with ``EPERM`` and the reason before closing. Nothing received is ever evaluated or
+  unpickled: frames are fixed structs, payloads JSON.
+- Events: ``connected`` (detail: peer address), ``disconnected`` (why), ``error`` (what). They
+  are called from the server's threads.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import queue
+import select
+import selectors
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from hakit.repl import protocol as p
+from hakit.repl.applier import Applier, syncfs
+from hakit.repl.protocol import Op, ProtocolError, Reply, RequestHead
+
+log = logging.getLogger(__name__)
+
+OPEN_TIMEOUT = 10.0  # seconds for a new connection's TLS handshake and HELLO frame
+IO_TIMEOUT = 60.0  # seconds a send (or the rest of a TLS record) may take before giving up
+DRAIN_TIMEOUT = 2.0  # seconds at most to read what is still arriving after a stop request
+BUFFER_SIZE = 1 << 20  # receive buffer; frames with more data use a MAX_DATA buffer
+FLUSH_SIZE = 256 << 10  # bytes of queued replies sent even if more requests are buffered
+MAX_OPENING = 4  # connections allowed in handshake at once; more are closed at once
+KEEPALIVE = (10, 5, 3)  # TCP keepalive: idle seconds, interval seconds, probes
+_KEEPALIVE_OPTIONS = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
+
+
+class Handlers(Protocol):
+    """What the server asks of the replicator (called from the server's threads)."""
+
+    def hello(self, peer: dict[str, Any]) -> dict[str, Any]:
+        """Validate the primary's HELLO and return ours; raise ``ValueError`` to refuse."""
+
+    def begin_resync(self, generation: int, full: bool) -> None:
+        """Persist "resyncing" durably (called before the reply)."""
+
+    def end_resync(self, generation: int) -> None:
+        """Persist "up to date" at ``generation`` (the roots are flushed; reply follows)."""
+
+    def event(self, kind: str, detail: str) -> None:
+        """``connected``, ``disconnected`` or ``error``, for the log and status."""
+
+
+def _abort(sock: socket.socket) -> None:
+    """Shut the descriptor down under any thread using it (bypasses ``SSLSocket.shutdown``)."""
+    with contextlib.suppress(OSError):
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+class _Reader:
+    """Frames from a socket through one reusable buffer; ``wait()`` False means stop reading.
+
+    A frame's ``data`` is a view valid until the next call of :meth:`frame`.
+    """
+
+    def __init__(self, sock: socket.socket, wait: Callable[[], bool]) -> None:
+        self.sock = sock
+        self._wait = wait
+        self._view = memoryview(bytearray(BUFFER_SIZE))
+        self._big: memoryview | None = None
+        self._lo = self._hi = 0
+        self.partial = False  # the stream ended inside a frame
+
+    def _fill(self, need: int) -> bool:
+        if self._lo == self._hi:
+            self._lo = self._hi = 0  # the previous frame's data is no longer in use
+        elif self._lo + need > len(self._view):
+            n = self._hi - self._lo
+            self._view[:n] = self._view[self._lo : self._hi]
+            self._lo, self._hi = 0, n
+        while self._hi - self._lo < need:
+            if not self._wait():
+                return False
+            got = self.sock.recv_into(self._view[self._hi :])
+            if got == 0:
+                return False
+            self._hi += got
+        return True
+
+    def _take(self, n: int) -> memoryview:
+        view = self._view[self._lo : self._lo + n]
+        self._lo += n
+        return view
+
+    def frame(self) -> tuple[RequestHead, bytes, bytes, memoryview] | None:
+        """The next request, or None at the end of the stream."""
+        if not self._fill(p.REQ.size):
+            self.partial = self._hi > self._lo
+            return None
+        self.partial = True
+        head = p.decode_request_head(bytes(self._take(p.REQ.size)))
+        if not self._fill(head.path_len + head.path2_len):
+            return None
+        path, path2 = bytes(self._take(head.path_len)), bytes(self._take(head.path2_len))
+        n = head.data_len
+        if n <= len(self._view):
+            if not self._fill(n):
+                return None
+            data = self._take(n)
+        else:
+            if self._big is None:
+                self._big = memoryview(bytearray(p.MAX_DATA))
+            data = self._big[:n]
+            have = min(n, self._hi - self._lo)
+            data[:have] = self._take(have)
+            while have < n:
+                got = self.sock.recv_into(data[have:]) if self._wait() else 0
+                if got == 0:
+                    return None
+                have += got
+        self.partial = False
+        return head, path, path2, data
+
+
+class _Flusher(threading.Thread):
+    """Runs ``syncfs`` for the seqs put in :attr:`queue` (None ends it); replies to ``deliver``."""
+
+    def __init__(self, fds: Sequence[int], deliver: Callable[[list[Reply]], None]) -> None:
+        super().__init__(name="repl-flush", daemon=True)
+        self._fds = fds
+        self._deliver = deliver
+        self.queue: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            batch = [self.queue.get()]
+            while not self.queue.empty():  # requests waiting meanwhile share the next flush
+                batch.append(self.queue.get_nowait())
+            seqs = [seq for seq in batch if seq is not None]
+            if seqs:
+                err, text = 0, b""
+                try:
+                    for fd in self._fds:
+                        syncfs(fd)
+                except OSError as exc:
+                    err, text = exc.errno or errno.EIO, f"syncfs: {exc.strerror}".encode()
+                self._deliver([Reply(seq, err, text) for seq in seqs])
+            if None in batch:
+                return
+
+
+class _Connection:
+    """One accepted socket: opening (handshake, HELLO frame), then active until it ends."""
+
+    def __init__(self, server: ReplicaServer, sock: socket.socket, peer: str) -> None:
+        self._server = server
+        self._sock = sock
+        self.peer = peer
+        self._lock = threading.Lock()
+        self._stopping = False
+        self._active = False  # may apply (took over)
+        self.connected = False  # and its HELLO was accepted
+        self._deadline = 0.0
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._poll = select.poll()
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+        self._async: collections.deque[Reply] = collections.deque()
+        self._reader = _Reader(sock, self._wait)
+        self.thread = threading.Thread(target=self._run, name=f"repl-conn {peer}", daemon=True)
+
+    # ------------------------------------------------------------------ control (any thread)
+    def request_stop(self) -> None:
+        """Active: apply what was received, then end. Opening: end now."""
+        with self._lock:
+            self._stopping = True
+            if self._wake < 0:
+                return  # already ended
+            if self._active:
+                os.eventfd_write(self._wake, 1)
+            else:
+                _abort(self._sock)
+
+    def stop_and_join(self) -> None:
+        self.request_stop()
+        self.thread.join(DRAIN_TIMEOUT + IO_TIMEOUT / 4)
+        if self.thread.is_alive():  # a primary that does not read its replies
+            _abort(self._sock)
+            self.thread.join()
+
+    def _deliver(self, replies: list[Reply]) -> None:
+        with self._lock:
+            self._async.extend(replies)
+        os.eventfd_write(self._wake, 1)
+
+    # ------------------------------------------------------------------ connection thread
+    def _run(self) -> None:
+        server, flusher = self._server, None
+        reason = "closed by the primary"
+        try:
+            first = self._open()
+            if first is None or not server.take_over(self):
+                return
+            if not self._hello(first):
+                return
+            self.connected = True
+            server.emit("connected", self.peer)
+            flusher = _Flusher(server.sync_fds, self._deliver)
+            reason = self._loop(flusher)
+        except ProtocolError as exc:
+            reason = f"protocol error: {exc}"
+            server.emit("error", f"{self.peer}: {reason}")
+        except OSError as exc:  # ssl.SSLError included
+            reason = f"connection lost: {exc}"
+            if not self._active and not self._stopping:  # e.g. a peer with another cluster key
+                server.emit("error", f"{self.peer}: {reason}")
+        except Exception as exc:
+            log.exception("replication connection from %s: please report it as a BUG", self.peer)
+            reason = f"internal error: {exc!r}"
+            server.emit("error", f"{self.peer}: {reason}")
+        finally:
+            self._finish(flusher)
+            if self.connected:
+                server.emit("disconnected", f"{self.peer}: {reason}")
+            server.release(self)
+
+    def _open(self) -> tuple[RequestHead, bytes, bytes, memoryview] | None:
+        ctx = self._server.ssl_context
+        self._sock.settimeout(OPEN_TIMEOUT)
+        if ctx is not None:
+            with self._lock:
+                if self._stopping:
+                    return None
+                tls = ctx.wrap_socket(self._sock, server_side=True, do_handshake_on_connect=False)
+                self._sock = self._reader.sock = tls
+            tls.do_handshake()
+        first = self._reader.frame()
+        if first is not None and first[0].op != Op.HELLO:
+            raise ProtocolError(f"first request is {first[0].op.name}, not HELLO")
+        return first
+
+    def activate(self) -> bool:
+        """Called by the server once this connection may apply; False if it must end."""
+        with self._lock:
+            if self._stopping:
+                return False
+            self._active = True
+        self._sock.settimeout(IO_TIMEOUT)
+        self._poll.register(self._sock.fileno(), select.POLLIN)
+        self._poll.register(self._wake, select.POLLIN)
+        return True
+
+    def _hello(self, first: tuple[RequestHead, bytes, bytes, memoryview]) -> bool:
+        head, data = first[0], first[3]
+        try:
+            ours = self._server.handlers.hello(p.decode_json(bytes(data)))
+        except ValueError as exc:
+            self._queue(Reply(head.seq, errno.EPERM, str(exc).encode()))
+            self._flush()
+            self._server.emit("error", f"{self.peer}: HELLO refused: {exc}")
+            return False
+        self._queue(Reply(head.seq, 0, p.encode_json(ours)))
+        return True
+
+    def _loop(self, flusher: _Flusher) -> str:
+        handlers, applier = self._server.handlers, self._server.applier
+        while (frame := self._reader.frame()) is not None:
+            head, path, path2, data = frame
+            if head.op == Op.SYNCFS:
+                flusher.queue.put(head.seq)
+                continue
+            if head.op == Op.HELLO:
+                raise ProtocolError("HELLO after the start")
+            reply = Reply(head.seq)
+            try:
+                if head.op == Op.BEGIN_RESYNC:
+                    obj = p.decode_json(bytes(data))
+                    full = obj.get("full")
+                    if not isinstance(full, bool):
+                        raise ProtocolError("BEGIN_RESYNC without a boolean 'full'")
+                    handlers.begin_resync(_generation(obj), full)
+                elif head.op == Op.END_RESYNC:
+                    generation = _generation(p.decode_json(bytes(data)))
+                    for fd in self._server.sync_fds:
+                        syncfs(fd)
+                    handlers.end_resync(generation)
+                else:
+                    reply = applier.apply(head, path, path2, data)
+            except OSError as exc:
+                text = f"{head.op.name}: {exc.strerror or exc}".encode()
+                reply = Reply(head.seq, exc.errno or errno.EIO, text)
+            self._queue(reply)
+        if self._reader.partial:
+            return "stopped (a partial request was dropped)" if self._stopping else "truncated"
+        return "stopped" if self._stopping else "closed by the primary"
+
+    def _wait(self) -> bool:
+        """Send queued replies, then wait until the socket is readable; False: stop reading."""
+        if not self._active:
+            return not self._stopping  # opening: blocking reads under OPEN_TIMEOUT
+        while True:
+            if self._stopping and not self._deadline:
+                self._deadline = time.monotonic() + DRAIN_TIMEOUT
+                self._sock.settimeout(DRAIN_TIMEOUT)  # bounds the sends below too
+            self._flush()
+            if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
+                return True
+            timeout = None
+            if self._stopping:
+                if time.monotonic() > self._deadline:
+                    return False
+                timeout = 0
+            ready = dict(self._poll.poll(timeout))
+            if self._wake in ready:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self._wake)
+                self._take_async()
+                continue
+            if ready:
+                return True
+            if self._stopping:
+                return False
+
+    def _take_async(self) -> None:
+        with self._lock:
+            replies = list(self._async)
+            self._async.clear()
+        for reply in replies:
+            self._queue(reply)
+
+    def _queue(self, reply: Reply) -> None:
+        raw = reply.encode()
+        self._pending.append(raw)
+        self._pending_size += len(raw)
+        if self._pending_size >= FLUSH_SIZE:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            raw = b"".join(self._pending)
+            self._pending.clear()
+            self._pending_size = 0
+            self._sock.sendall(raw)
+
+    def _finish(self, flusher: _Flusher | None) -> None:
+        """Pending flushes end, their replies go out if the socket still works; close."""
+        if flusher is not None:
+            flusher.queue.put(None)
+            flusher.join()
+            self._take_async()
+            try:
+                self._sock.settimeout(DRAIN_TIMEOUT)
+                self._flush()
+            except OSError as exc:
+                log.debug("last replies to %s not sent: %s", self.peer, exc)
+        with self._lock:
+            _abort(self._sock)
+            self._sock.close()
+            os.close(self._wake)
+            self._wake = -1
+
+
+def _generation(obj: dict[str, Any]) -> int:
+    gen = obj.get("generation")
+    if not isinstance(gen, int) or isinstance(gen, bool) or gen < 0:
+        raise ProtocolError(f"bad generation {gen!r}")
+    return gen
+
+
+class ReplicaServer:
+    """The secondary's listener (see the module docstring). :meth:`start`, then :meth:`stop`."""
+
+    def __init__(
+        self,
+        binds: Sequence[str],
+        port: int,
+        ssl_context: ssl.SSLContext | None,
+        applier: Applier,
+        handlers: Handlers,
+    ) -> None:
+        self.binds = list(binds)
+        self.ssl_context = ssl_context
+        self.applier = applier
+        self.handlers = handlers
+        devices = {os.fstat(fd).st_dev: fd for fd in applier.roots}
+        self.sync_fds = tuple(devices.values())  # one root per file system, for syncfs
+        self._port = port
+        self._listeners: list[socket.socket] = []
+        self._lock = threading.Lock()  # guards the fields below
+        self._switch = threading.Lock()  # one take-over at a time
+        self._conns: set[_Connection] = set()
+        self._active: _Connection | None = None
+        self._stopping = False
+        self._wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._accept_thread = threading.Thread(
+            target=self._accept_loop, name="repl-accept", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        """The bound port (the one chosen by the system when constructed with 0)."""
+        return self._port
+
+    @property
+    def peer(self) -> str | None:
+        """Address of the primary currently connected, if any."""
+        with self._lock:
+            conn = self._active
+            return conn.peer if conn is not None and conn.connected else None
+
+    def start(self) -> None:
+        """Bind every address (raises ``OSError``, nothing left open), then accept."""
+        try:
+            for addr in self.binds:
+                family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                    addr, self._port, type=socket.SOCK_STREAM, flags=socket.AI_NUMERICHOST
+                )[0]
+                sock = socket.socket(family, kind, proto)
+                self._listeners.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(sockaddr)
+                sock.listen(8)
+                self._port = sock.getsockname()[1]
+        except BaseException:
+            for sock in self._listeners:
+                sock.close()
+            self._listeners.clear()
+            raise
+        self._accept_thread.start()
+
+    def __enter__(self) -> ReplicaServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        """Close the listeners, end the connection (applying what was received), join."""
+        with self._lock:
+            first = not self._stopping
+            self._stopping = True
+        if first:
+            os.eventfd_write(self._wake, 1)
+            if self._accept_thread.is_alive():
+                self._accept_thread.join()
+            os.close(self._wake)
+        for sock in self._listeners:
+            sock.close()
+        with self._lock:
+            conns = list(self._conns)
+        for conn in conns:
+            conn.stop_and_join()
+
+    # ------------------------------------------------------------------ for connections
+    def emit(self, kind: str, detail: str) -> None:
+        """``handlers.event``, whose failure must not end a connection thread early."""
+        try:
+            self.handlers.event(kind, detail)
+        except Exception:
+            log.exception("replication event handler failed: please report it as a BUG")
+
+    def take_over(self, conn: _Connection) -> bool:
+        """Make ``conn`` the active connection once the previous one has ended."""
+        with self._switch:
+            with self._lock:
+                old = None if self._stopping else self._active
+            if old is not None:
+                old.stop_and_join()
+            with self._lock:
+                if self._stopping or not conn.activate():
+                    return False
+                self._active = conn
+            return True
+
+    def release(self, conn: _Connection) -> None:
+        with self._lock:
+            self._conns.discard(conn)
+            if self._active is conn:
+                self._active = None
+
+    def _accept_loop(self) -> None:
+        with selectors.DefaultSelector() as sel:
+            for sock in self._listeners:
+                sel.register(sock, selectors.EVENT_READ)
+            sel.register(self._wake, selectors.EVENT_READ)
+            while not self._stopping:
+                for key, _ in sel.select():
+                    if key.fileobj is not self._wake:
+                        self._accept(key.fileobj)  # type: ignore[arg-type]
+
+    def _accept(self, listener: socket.socket) -> None:
+        try:
+            sock, addr = listener.accept()
+        except OSError as exc:  # e.g. out of descriptors: do not spin on a readable listener
+            log.warning("replication accept failed: %s", exc)
+            time.sleep(0.1)
+            return
+        peer = (
+            f"[{addr[0]}]:{addr[1]}" if sock.family == socket.AF_INET6 else f"{addr[0]}:{addr[1]}"
+        )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        for option, value in zip(_KEEPALIVE_OPTIONS, KEEPALIVE, strict=True):
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
+        with self._lock:
+            opening = sum(1 for c in self._conns if c is not self._active)
+            if self._stopping or opening >= MAX_OPENING:
+                log.warning("replication connection from %s refused: too many opening", peer)
+                sock.close()
+                return
+            conn = _Connection(self, sock, peer)
+            self._conns.add(conn)
+        conn.thread.start()
