@@ -10,6 +10,18 @@ start of ``start_prim`` until the end of ``stop_prim``; the VIP from ``AddVips``
 invariant: at most one node runs the application or holds a VIP of a module — except after a
 ``cut`` (no arbitration yet: both may run ALONE), until the first moment after ``heal`` when
 the nodes hear each other again and have converged.
+
+Replicated modules (``replicated=True`` in a module's options) also get a simulated replication
+process per node (:class:`SimReplica`) that follows docs/replication.md: ``SetReplication``
+sets its role; a primary connected to its peer's secondary resyncs it (``resync_seconds``),
+then reports it in sync; losing an in-sync secondary bumps the generation. Its reports reach
+the machine as ``ReplicaReport`` events. The application is modelled as acknowledging one write
+per step while its node is PRIM or ALONE with the replica mounted; an acknowledged write is on
+the secondary only if the replica is in sync at that moment, and a resync copies everything.
+Second invariant, checked whenever a node enters STARTING_PRIM without ``--force``: **no
+acknowledged write is lost** — the node's copy holds every write acknowledged so far. Writes
+acknowledged during a split brain (after a ``cut``, until it is resolved) are not counted (the
+documented behaviour without arbitration); a forced start forgets what the node lacks.
 """
 
 from __future__ import annotations
@@ -18,7 +30,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from hakit.core import payload
-from hakit.core.actions import AddVips, AnnounceVips, DelVips, Persist, RunScript, Transitioned
+from hakit.core.actions import (
+    Action,
+    AddVips,
+    AnnounceVips,
+    DelVips,
+    Persist,
+    ReplicaRole,
+    RunScript,
+    SetReplication,
+    Transitioned,
+)
 from hakit.core.events import (
     CheckerAction,
     CheckerFailed,
@@ -26,15 +48,31 @@ from hakit.core.events import (
     Event,
     PeerHeard,
     PeerLost,
+    ReplicaFailed,
+    ReplicaReport,
     ScriptDone,
     Tick,
     Verb,
 )
+from hakit.core.freshness import DataRecord, DataState
 from hakit.core.mirror import CommandRefused, Durable, MirrorMachine, MirrorSettings
 from hakit.core.peers import PeerTracker
 from hakit.model import ModuleName, NodeId, State
 
 STEP = 0.01
+
+
+@dataclass
+class SimReplica:
+    """A node's replication process for one module, and the copy it keeps (writes held)."""
+
+    record: DataRecord = field(default_factory=DataRecord)  # on disk: survives power-offs
+    data: set[int] = field(default_factory=set)  # acknowledged writes this copy holds
+    role: ReplicaRole = ReplicaRole.IDLE
+    connected: bool = False  # primary: connected to the peer's secondary
+    in_sync: bool = False  # primary: the secondary is connected and in sync
+    resync_done_at: float | None = None  # primary: the running resync of the secondary ends
+    down_until: float | None = None  # the process failed; the driver restarts it then
 
 
 @dataclass
@@ -45,6 +83,7 @@ class SimModule:
     app: bool = False
     vip: bool = False
     ack: payload.Ack = field(default_factory=payload.Ack)
+    replica: SimReplica | None = None  # replicated modules only
 
 
 @dataclass
@@ -69,6 +108,7 @@ class SimCluster:
         interval: float = 0.5,
         timeout: float = 3.0,
         script_seconds: float = 0.2,
+        resync_seconds: float = 1.0,
     ) -> None:
         self.now = 0.0
         self.interval, self.timeout = interval, timeout
@@ -81,6 +121,11 @@ class SimCluster:
         self.transcript: list[str] = []
         self.in_flight: list[tuple[float, NodeId, NodeId, int, dict[str, object]]] = []
         self.on_step: list[Callable[[SimCluster], None]] = []
+        self.resync_seconds = resync_seconds
+        self.link_broken: set[str] = set()  # modules whose replication link is broken
+        self.writes = 0  # last write id acknowledged by an application
+        self.acked: dict[ModuleName, set[int]] = {}  # acknowledged writes that must survive
+        self.reports: list[tuple[SimNode, ModuleName, Event]] = []  # replica events to deliver
         mods = modules or {"app": {}}
         self.nodes: dict[str, SimNode] = {}
         for name, peer in (("n1", "n2"), ("n2", "n1")):
@@ -116,6 +161,28 @@ class SimCluster:
     def fail_script(self, node: str, module: str, script: str) -> None:
         self.failing_scripts.add((node, module, script))
 
+    def break_replication(self, module: str = "app") -> None:
+        """The replication link fails while heartbeats still pass."""
+        self.link_broken.add(module)
+        self.log(f"-- replication link of {module} broken")
+
+    def repair_replication(self, module: str = "app") -> None:
+        self.link_broken.discard(module)
+        self.log(f"-- replication link of {module} repaired")
+
+    def replica_dies(self, node: str, module: str = "app", restart_after: float = 0.5) -> None:
+        """The replication process dies; the driver restarts it (idle if it was primary)."""
+        n = self.nodes[node]
+        rep = n.modules[ModuleName(module)].replica
+        assert rep is not None
+        self.log(f"-- replication process of {module} on {node} dies")
+        if rep.role == ReplicaRole.PRIMARY:
+            rep.role = ReplicaRole.IDLE
+        rep.connected = rep.in_sync = False
+        rep.resync_done_at = None
+        rep.down_until = self.now + restart_after
+        self._step(n, ModuleName(module), ReplicaFailed("process exited (killed)"))
+
     # -------------------------------------------------------------- faults
     def cut(self, node: str) -> None:
         self.cut_nodes.add(node)
@@ -133,6 +200,8 @@ class SimCluster:
         for m in n.modules.values():
             m.app = m.vip = False
             m.script = None
+            if m.replica is not None:  # the record and the copy are on disk
+                m.replica = SimReplica(m.replica.record, m.replica.data)
         self.log(f"-- poweroff {node}")
 
     def poweron(self, node: str) -> None:
@@ -157,6 +226,11 @@ class SimCluster:
             if n.powered
             and (n.modules[ModuleName(module)].app or n.modules[ModuleName(module)].vip)
         ]
+
+    def record(self, node: str, module: str = "app") -> DataRecord:
+        rep = self.nodes[node].modules[ModuleName(module)].replica
+        assert rep is not None
+        return rep.record
 
     def log(self, line: str) -> None:
         self.transcript.append(f"{self.now:7.2f} {line}")
@@ -188,7 +262,14 @@ class SimCluster:
         node.modules = {}
         for name, settings in node.settings.items():
             durable = old[name].durable if name in old else Durable()
-            node.modules[name] = SimModule(MirrorMachine(settings, durable), durable)
+            replica = None
+            if settings.replicated:
+                replica = old[name].replica if name in old else None
+                replica = replica or SimReplica()
+                self.acked.setdefault(name, set())
+            data = replica.record if replica else None
+            machine = MirrorMachine(settings, durable, data)
+            node.modules[name] = SimModule(machine, durable, replica=replica)
         for name, m in node.modules.items():
             if m.durable.wanted:
                 self._step(node, name, Command(Verb.START))
@@ -205,10 +286,18 @@ class SimCluster:
             match action:
                 case Transitioned(old=old, new=new, reason=reason):
                     self.log(f"{node.name} {module}: {old} -> {new} ({reason})")
+                    if new == State.STARTING_PRIM and m.replica is not None:
+                        self._check_no_write_lost(node, module, m.replica, actions)
                 case Persist():
                     m.durable = Durable(
-                        action.wanted, action.state, action.epoch, action.primary_epoch
+                        action.wanted,
+                        action.state,
+                        action.epoch,
+                        action.primary_epoch,
+                        action.peer_generation_seen,
                     )
+                case SetReplication():
+                    self._set_replication(node, module, action)
                 case AddVips():
                     m.vip = True
                 case DelVips():
@@ -221,8 +310,131 @@ class SimCluster:
                     if script == "start_prim":
                         m.app = True
                     m.script = (script, self.now + took, key not in self.failing_scripts)
-        if actions or m.machine.status() != before:
+        after = m.machine.status()
+        if (
+            m.replica is not None
+            and after.reason != before.reason
+            and not any(isinstance(a, Transitioned) for a in actions)
+        ):
+            self.log(f"{node.name} {module}: {after.state}: {after.reason}")
+        if actions or after != before:
             node.next_heartbeat = self.now  # send the new status at once
+        self._deliver_reports()
+
+    def _deliver_reports(self) -> None:
+        """Feed the replication processes' reports to their machines, in order."""
+        while self.reports:
+            to, name, report = self.reports.pop(0)
+            if to.powered:
+                self._step(to, name, report)
+
+    # -------------------------------------------------------------- replication
+    def _report(self, node: SimNode, module: ModuleName, detail: str) -> None:
+        rep = node.modules[module].replica
+        assert rep is not None
+        self.reports.append((node, module, ReplicaReport(rep.record, rep.in_sync, detail)))
+
+    def _set_replication(self, node: SimNode, module: ModuleName, action: SetReplication) -> None:
+        rep = node.modules[module].replica
+        assert rep is not None
+        rep.connected = rep.in_sync = False
+        rep.resync_done_at = None
+        rep.role = action.role
+        if action.role == ReplicaRole.PRIMARY:
+            generation = max(rep.record.generation, action.peer_generation) + 1
+            rep.record = DataRecord(DataState.UPTODATE, generation, ran_alone=True)
+            forced = ", forced: full resync" if action.force_full else ""
+            self.log(f"{node.name} {module}: replica primary, generation {generation}{forced}")
+        else:
+            if action.outdated:
+                rep.record = DataRecord(DataState.OUTDATED, rep.record.generation)
+            outdated = ", data marked outdated" if action.outdated else ""
+            self.log(f"{node.name} {module}: replica {action.role}{outdated}")
+        self._report(node, module, f"role {action.role}")
+
+    def _check_no_write_lost(
+        self, node: SimNode, module: ModuleName, rep: SimReplica, actions: list[Action]
+    ) -> None:
+        if self.partitioned:
+            return  # split brain: documented, not counted
+        forced = any(isinstance(a, SetReplication) and a.force_full for a in actions)
+        acked = self.acked[module]
+        if forced:
+            acked &= rep.data  # the operator accepted losing the rest
+            return
+        lost = acked - rep.data
+        assert not lost, (
+            f"{module}: {node.name} becomes primary without {len(lost)} acknowledged writes "
+            f"(first {min(lost)}) at {self.now}:\n" + "\n".join(self.transcript[-40:])
+        )
+
+    def _replicate(self, module: ModuleName) -> None:
+        """One step of both nodes' replication processes of ``module``, then the writes."""
+        for node in self.nodes.values():
+            rep = node.modules[module].replica
+            assert rep is not None
+            if node.powered and rep.down_until is not None and self.now >= rep.down_until:
+                rep.down_until = None  # restarted by the driver, in the role it had
+                self._report(node, module, "process restarted")
+            if not node.powered or rep.role != ReplicaRole.PRIMARY:
+                continue
+            peer = self.nodes[node.peer]
+            prep = peer.modules[module].replica
+            assert prep is not None
+            link = (
+                peer.powered
+                and module not in self.link_broken
+                and not ({node.name, peer.name} & self.cut_nodes)
+                and prep.role == ReplicaRole.SECONDARY
+                and prep.down_until is None
+                and rep.down_until is None
+            )
+            if rep.connected and not link:
+                rep.connected = False
+                rep.resync_done_at = None
+                if rep.in_sync:  # lost an in-sync secondary: runs alone from now on
+                    rep.in_sync = False
+                    rep.record = DataRecord(
+                        DataState.UPTODATE, rep.record.generation + 1, ran_alone=True
+                    )
+                self.log(f"{node.name} {module}: replica lost its secondary")
+                self._report(node, module, "secondary lost: connection reset")
+            elif link and not rep.connected:
+                rep.connected = True
+                rep.resync_done_at = self.now + self.resync_seconds
+                prep.record = DataRecord(DataState.RESYNCING, prep.record.generation)
+                self.log(f"{peer.name} {module}: replica resyncing from {node.name}")
+                self._report(peer, module, f"resync from {node.name} started")
+            elif link and rep.resync_done_at is not None and self.now >= rep.resync_done_at:
+                rep.resync_done_at = None
+                prep.data = set(rep.data)
+                prep.record = DataRecord(DataState.UPTODATE, rep.record.generation)
+                rep.record = DataRecord(DataState.UPTODATE, rep.record.generation)
+                rep.in_sync = True
+                self.log(
+                    f"{peer.name} {module}: replica up to date, generation {rep.record.generation}"
+                )
+                self._report(peer, module, "resync done")
+                self._report(node, module, "secondary in sync")
+        self._write(module)
+
+    def _write(self, module: ModuleName) -> None:
+        """The application on the serving node acknowledges one write."""
+        for node in self.nodes.values():
+            m = node.modules[module]
+            rep = m.replica
+            assert rep is not None
+            serving = m.machine.state in (State.PRIM, State.ALONE)
+            if not (node.powered and serving and rep.role == ReplicaRole.PRIMARY):
+                continue
+            self.writes += 1
+            rep.data.add(self.writes)
+            if rep.in_sync:
+                prep = self.nodes[node.peer].modules[module].replica
+                assert prep is not None
+                prep.data.add(self.writes)
+            if not self.partitioned:
+                self.acked[module].add(self.writes)
 
     def _advance(self) -> None:
         # deliver heartbeats due now
@@ -230,6 +442,9 @@ class SimCluster:
         self.in_flight = [msg for msg in self.in_flight if msg[0] > self.now]
         for _, src, dst, inc, body in due:
             self._deliver(src, dst, inc, body)
+        for module in self.acked:
+            self._replicate(module)
+            self._deliver_reports()
         for node in self.nodes.values():
             if not node.powered:
                 continue

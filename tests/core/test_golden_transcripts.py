@@ -16,6 +16,12 @@ import pytest
 from hakit.core.events import CheckerAction, Verb
 
 from .sim import SimCluster
+from .test_mirror_replicated import (
+    REPLICATED,
+    fresh_cluster_both_unknown_start_together,
+    primary_dies_then_secondary_dies_then_old_primary_returns,
+    secondary_powered_off_during_resync_cannot_become_primary,
+)
 
 TESTDATA = Path(__file__).parent / "testdata"
 
@@ -62,12 +68,25 @@ SCENARIOS: dict[str, Callable[[SimCluster], None]] = {
         checker_restarts_then_fails_over,
     )
 }
+# replicated modules (see test_mirror_replicated.py)
+REPLICATED_SCENARIOS: dict[str, Callable[[SimCluster], None]] = {
+    f.__name__: f
+    for f in (
+        primary_dies_then_secondary_dies_then_old_primary_returns,
+        secondary_powered_off_during_resync_cannot_become_primary,
+        fresh_cluster_both_unknown_start_together,
+    )
+}
 
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS))
+@pytest.mark.parametrize("name", sorted(SCENARIOS) + sorted(REPLICATED_SCENARIOS))
 def test_scenario_matches_golden_transcript(name: str) -> None:
-    c = SimCluster()
-    SCENARIOS[name](c)
+    if name in REPLICATED_SCENARIOS:
+        c = SimCluster(REPLICATED)
+        REPLICATED_SCENARIOS[name](c)
+    else:
+        c = SimCluster()
+        SCENARIOS[name](c)
     got = "\n".join(c.transcript) + "\n"
     path = TESTDATA / f"{name}.txt"
     if os.environ.get("HAKIT_UPDATE_GOLDEN"):

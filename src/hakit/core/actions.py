@@ -10,13 +10,47 @@ Contract for the driver, for every list of actions returned by a machine's ``ste
   fails (a VIP cannot be added), the driver skips the script and reports
   ``ScriptDone(script, ok=False, detail=<what failed>)``. A script that does not exist in the
   module folder is reported done and ok.
+- :class:`SetReplication` (replicated modules only) also completes before the next action:
+  with role ``primary`` the FUSE mounts exist (and the new generation is durable) before
+  ``AddVips`` and ``start_prim`` run; with role ``secondary`` the listener is up before
+  ``start_second`` runs; with role ``idle`` every mount is gone and nothing listens any more.
+  If it fails, the driver goes on like after a failed VIP: it executes the other actions but
+  skips the ``RunScript`` that follows and reports it ``ScriptDone(script, ok=False, detail)``
+  (with no script after it, it logs the failure; a process that is unusable is reported as
+  :class:`hakit.core.events.ReplicaFailed`). Setting the role the process already has is a
+  no-op; ``primary`` is never sent while the role is ``primary``. After the role is set, the
+  process reports its record again (:class:`hakit.core.events.ReplicaReport`). After a
+  ``ReplicaFailed``, the driver restarts the process in the role it had, except ``primary``:
+  that one is restarted ``idle`` (the machine sends ``primary`` again before any ``start_prim``).
+
+Order of the actions of one transition (absent ones are skipped). A list may hold several
+transitions in a row, and may start with ``AnnounceVips`` or a lone ``Persist`` (the peer
+announced a higher data generation)::
+
+    Transitioned
+    DelVips, SetReplication(idle)          leaving STOPPING_PRIM (but to STARTING_PRIM)
+    SetReplication(idle)                   leaving STOPPING_SECOND (but to STARTING_SECOND)
+    Persist
+    StartCheckers | StopCheckers
+    SetReplication(primary), AddVips       entering STARTING_PRIM
+    SetReplication(secondary)              entering STARTING_SECOND
+    RunScript
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from hakit.model import State
+
+
+class ReplicaRole(StrEnum):
+    """Role of a mirror module's replication process (docs/replication.md)."""
+
+    IDLE = "idle"  # nothing mounted, nothing listening
+    PRIMARY = "primary"  # FUSE mounted over the directories, replicating to the secondary
+    SECONDARY = "secondary"  # listening, applying the primary's requests
 
 
 @dataclass(frozen=True)
@@ -36,6 +70,25 @@ class Persist:
     state: State
     epoch: int
     primary_epoch: int
+    peer_generation_seen: int = 0  # highest data generation the peer announced (replicated)
+
+
+@dataclass(frozen=True)
+class SetReplication:
+    """Give the module's replication process its role; done before the next action.
+
+    ``primary``: the process sets ``generation = max(own, peer_generation) + 1``, ``ran_alone``,
+    ``up to date``, durably, mounts, then connects to the secondary (a full resync if
+    ``force_full``: the operator forced this node primary, the peer's copy is discarded).
+    ``outdated`` (``idle``/``secondary``): first mark the record ``outdated`` (``ran_alone``
+    cleared), durably: this node ran alone and yielded to a peer whose copy is kept (split
+    brain), so its own changes are to be discarded by the next resync.
+    """
+
+    role: ReplicaRole
+    force_full: bool = False
+    peer_generation: int = 0  # highest generation the peer announced (primary only)
+    outdated: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,4 +134,5 @@ Action = (
     | AnnounceVips
     | StartCheckers
     | StopCheckers
+    | SetReplication
 )

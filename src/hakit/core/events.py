@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from hakit.core.freshness import DataRecord, DataState
 from hakit.model import NodeId, State
 
 
@@ -44,6 +45,10 @@ class PeerModuleStatus:
     node's current incarnation) that the peer had processed when it built this status, or -1;
     a decision that assumes the peer will not take over needs it equal to this node's current
     version, so that the peer decided knowing this node's current state.
+
+    Replicated modules only (defaults otherwise): ``data``, ``generation``, ``ran_alone``: the
+    peer's data record (:class:`hakit.core.freshness.DataRecord`); ``in_sync``: the peer is
+    primary and its secondary (this node) is connected and in sync.
     """
 
     node: NodeId
@@ -54,6 +59,14 @@ class PeerModuleStatus:
     handover: bool = False
     swap_request: bool = False
     acked_version: int = -1
+    data: DataState = DataState.UNKNOWN
+    generation: int = 0
+    ran_alone: bool = False
+    in_sync: bool = False
+
+    @property
+    def record(self) -> DataRecord:
+        return DataRecord(self.data, self.generation, self.ran_alone)
 
 
 @dataclass(frozen=True)
@@ -102,4 +115,38 @@ class Command:
     force: bool = False
 
 
-Event = Tick | PeerHeard | PeerLost | ScriptDone | CheckerFailed | Command
+@dataclass(frozen=True)
+class ReplicaReport:
+    """The module's replication process reports its data record (replicated modules only).
+
+    Sent by the process after every change of its record and of ``in_sync``, and once after
+    every role change (:class:`hakit.core.actions.SetReplication`). ``in_sync``: on a primary,
+    the secondary is connected and in sync (always false in other roles). ``detail`` is for
+    the log, e.g. "secondary lost: connection reset", "resync 45 % (1.2 GB of 2.7 GB)".
+    """
+
+    record: DataRecord
+    in_sync: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ReplicaFailed:
+    """The replication process died or hung; the driver restarts it (replicated modules only).
+
+    On a primary its FUSE mounts died with it: the application lost its data path.
+    """
+
+    detail: str
+
+
+Event = (
+    Tick
+    | PeerHeard
+    | PeerLost
+    | ScriptDone
+    | CheckerFailed
+    | Command
+    | ReplicaReport
+    | ReplicaFailed
+)

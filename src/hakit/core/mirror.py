@@ -20,21 +20,42 @@ Rules that keep two primaries from running at once (while the nodes can hear eac
 - if both are primary after a partition heals (no arbitration yet: each ran ALONE), the node
   whose primary term began later yields (the former primary stays).
 
+Replicated modules (``MirrorSettings.replicated``) add the data rules of ``docs/replication.md``
+("Who has the latest data"; the comparisons and the operator's sentences are in
+:mod:`hakit.core.freshness`): a node becomes primary only on data it can prove up to date —
+with its peer present, a copy not older than the peer's; without it, an up-to-date copy of at
+least the generation the peer announced that ran alone last (or was in sync as secondary when the
+peer was lost). Otherwise it waits in WAIT and says why, until its peer returns or the operator
+forces it (``prim --force``). The machine drives the replication process with
+:class:`SetReplication` (primary, secondary, idle) and learns its record from ``ReplicaReport``;
+PRIM means "a secondary is connected and in sync", ALONE "running without one". Two details
+that the records alone cannot carry: a node that ran alone and becomes secondary of a peer
+whose copy is kept (split brain, or a forced peer) has its record marked ``outdated`` at its
+next role change, so that it cannot take over alone before its resync; and
+``peer_generation_seen`` falls back to the peer's generation once the peer's copy is in sync
+with this node's (the peer's older announcements describe data that no longer exists).
+
 Caveats: without arbitration (a later issue), a cut between the nodes makes both primary
-until the network heals; that is the documented behaviour of this version.
+until the network heals; that is the documented behaviour of this version. A primary that loses
+its replication link and dies before its next heartbeat (which carries its new generation)
+reaches the secondary can be taken over by that secondary: closing that window is up to the
+replication process (hold unreplicated writes until the peer has acknowledged the generation).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hakit.core import freshness
 from hakit.core.actions import (
     Action,
     AddVips,
     AnnounceVips,
     DelVips,
     Persist,
+    ReplicaRole,
     RunScript,
+    SetReplication,
     StartCheckers,
     StopCheckers,
     Transitioned,
@@ -47,10 +68,13 @@ from hakit.core.events import (
     PeerHeard,
     PeerLost,
     PeerModuleStatus,
+    ReplicaFailed,
+    ReplicaReport,
     ScriptDone,
     Tick,
     Verb,
 )
+from hakit.core.freshness import DataRecord, DataState
 from hakit.core.mirror_table import SCRIPT_OF, TABLE, THEN_TRIGGER, Edge, Goal, Trigger
 from hakit.model import NodeId, State
 
@@ -76,6 +100,8 @@ class MirrorSettings:
     max_restarts: int = 2  # local restarts by checkers within the guard period, then failover
     guard_max: int = 4  # automatic restarts + failovers allowed within guard_period
     guard_period: float = 3600.0
+    replicated: bool = False  # the module's directories are replicated: the data rules apply
+    module: str = ""  # module name, for the commands suggested in reasons
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,8 @@ class Durable:
     state: State = State.STOP
     epoch: int = 0
     primary_epoch: int = 0
+    # replicated: highest data generation the peer announced since its copy was last in sync
+    peer_generation_seen: int = 0
 
 
 @dataclass(frozen=True)
@@ -100,7 +128,16 @@ class Status:
     swap_request: bool
     reason: str
     wanted: bool
-    version: int  # bumped at every change of the fields above but reason
+    version: int  # bumped at every change of the other fields but reason
+    # replicated modules: this node's data record, and (primary) its secondary is in sync
+    data: DataState = DataState.UNKNOWN
+    generation: int = 0
+    ran_alone: bool = False
+    in_sync: bool = False
+
+    @property
+    def record(self) -> DataRecord:
+        return DataRecord(self.data, self.generation, self.ran_alone)
 
 
 @dataclass
@@ -110,9 +147,18 @@ class _Counters:
 
 
 class MirrorMachine:
-    """Mirror module on one node. Call :meth:`step` for every event; read :meth:`status`."""
+    """Mirror module on one node. Call :meth:`step` for every event; read :meth:`status`.
 
-    def __init__(self, settings: MirrorSettings, durable: Durable | None = None) -> None:
+    ``data``: the module's data record as read from disk when the agent started (replicated
+    modules; later records come in ``ReplicaReport`` events).
+    """
+
+    def __init__(
+        self,
+        settings: MirrorSettings,
+        durable: Durable | None = None,
+        data: DataRecord | None = None,
+    ) -> None:
         d = durable or Durable()
         self.settings = settings
         self.state = State.STOP
@@ -132,6 +178,16 @@ class MirrorMachine:
         self.version = 0
         self.stop_cause = ""
         self._counters = _Counters()
+        # replicated modules only (see the module docstring)
+        self.data = (data or DataRecord()) if settings.replicated else DataRecord()
+        self.in_sync = False  # primary: the secondary is connected and in sync
+        self.replica_detail = ""  # the latest report's detail, for reasons
+        self.replica_role = ReplicaRole.IDLE  # the role last given to the replication process
+        self.peer_generation_seen = d.peer_generation_seen
+        self.peer_was_in_sync = False  # the peer's latest status as primary said "in sync"
+        self.force = False  # `prim --force` accepted: the data rules are bypassed once
+        self.mark_outdated = False  # yielded with a ran-alone copy: mark it outdated
+        self.replica_failed = ""  # the process failed while start_prim ran: handled after it
 
     # ------------------------------------------------------------------ public
     def status(self) -> Status:
@@ -145,6 +201,10 @@ class MirrorMachine:
             reason=self.reason,
             wanted=self.wanted,
             version=self.version,
+            data=self.data.data,
+            generation=self.data.generation,
+            ran_alone=self.data.ran_alone,
+            in_sync=self.in_sync,
         )
 
     @property
@@ -178,11 +238,18 @@ class MirrorMachine:
                 if status.claims_primary and self.handover:
                     self.handover = False  # it took over: our hand-over is complete
                     self.version += 1
+                if self.settings.replicated:
+                    self._peer_data(status, actions)
             case PeerLost(silent_for=silent):
                 self.peer = None
                 self.peer_silent_for = silent
             case CheckerFailed():
-                self._checker_failed(now, event, actions)
+                what = f"checker {event.checker}: {event.detail}"
+                self._checker_failed(now, event.action, what, actions)
+            case ReplicaReport():
+                self._replica_report(event)
+            case ReplicaFailed():
+                self._replica_failed(now, event, actions)
             case Tick():
                 pass
         self._settle(now, actions)
@@ -198,7 +265,7 @@ class MirrorMachine:
             if state in SCRIPT_OF:  # a script runs: stop once it has finished
                 self.goal = Goal.STOP
                 self.reason = "stop requested: stopping once the running script has finished"
-                actions.append(Persist(False, self.state, self.epoch, self.primary_epoch))
+                actions.append(self._persist())
                 return
             self._move(now, Trigger.STOP, "stop requested by the operator", actions)
             return
@@ -209,6 +276,8 @@ class MirrorMachine:
         if verb in (Verb.START, Verb.PRIM, Verb.SECOND) and state == State.STOP:
             if verb == Verb.PRIM and peer is not None and peer.claims_primary:
                 raise CommandRefused(f"peer {peer.node} is {peer.state}: use `swap` instead")
+            if verb == Verb.PRIM:
+                self._accept_prim(cmd)
             self.wanted = True
             trigger = {Verb.START: Trigger.START, Verb.PRIM: Trigger.PRIM}.get(verb, Trigger.SECOND)
             self._move(now, trigger, f"{verb} requested by the operator", actions)
@@ -220,7 +289,9 @@ class MirrorMachine:
                 raise CommandRefused(f"this node is already primary ({state})")
             if peer is not None and peer.claims_primary:
                 raise CommandRefused(f"peer {peer.node} is {peer.state}: use `swap` instead")
-            self._move(now, Trigger.PRIM, "prim requested by the operator", actions)
+            self._accept_prim(cmd)
+            forced = " --force" if self.force else ""
+            self._move(now, Trigger.PRIM, f"prim{forced} requested by the operator", actions)
             return
         if verb in (Verb.SWAP, Verb.SECOND):
             self._swap(now, verb, actions)
@@ -237,12 +308,32 @@ class MirrorMachine:
             return
         raise CommandRefused(f"{verb} does not apply in state {state}")  # pragma: no cover
 
+    def _accept_prim(self, cmd: Command) -> None:
+        """Data rules for `prim` (replicated): refuse, or remember ``--force`` (changes nothing
+        before it may raise)."""
+        if not self.settings.replicated:
+            return
+        if not cmd.force:
+            refusal = self._data_refusal()
+            if refusal is not None:
+                hint = freshness.force_hint(self.settings.peer)
+                raise CommandRefused(f"prim refused: {refusal}{hint}")
+        self.force = cmd.force
+
     def _swap(self, now: float, verb: Verb, actions: list[Action]) -> None:
         state, peer = self.state, self.peer
         has_secondary = peer is not None and peer.state in (State.SECOND, State.STARTING_SECOND)
         if state in (State.PRIM, State.ALONE):
             if not has_secondary:
                 raise CommandRefused(f"{verb}: no secondary to hand over to (this node is {state})")
+            assert peer is not None
+            if self.settings.replicated and not (
+                state == State.PRIM and peer.data == DataState.UPTODATE
+            ):
+                raise CommandRefused(
+                    f"{verb}: {peer.node} is not in sync yet ({freshness.describe(peer.record)})"
+                    f" and could not take over; try again once this node is PRIM"
+                )
             self._move(now, Trigger.SWAP, f"{verb} requested: handing over", actions)
             return
         if verb == Verb.SECOND and state == State.WAIT:
@@ -265,12 +356,18 @@ class MirrorMachine:
         if done.detail:
             what += f" ({done.detail})"
         goal, state = self.goal, self.state
+        replica_failed, self.replica_failed = self.replica_failed, ""
         if state in (State.STOPPING_PRIM, State.STOPPING_SECOND, State.STOPPING) and (
             goal is not None
         ):
             if goal == Goal.PRIM and self.peer is not None and self.peer.claims_primary:
                 goal = Goal.SECOND if state == State.STOPPING_SECOND else Goal.STOP
                 what += f"; peer {self.peer.node} is primary now"
+            elif goal == Goal.PRIM and state == State.STOPPING_SECOND:
+                refusal = self._refusal()
+                if refusal is not None:
+                    goal = Goal.WAIT
+                    what += f"; not becoming primary: {refusal}"
             self._move(now, THEN_TRIGGER[goal], what, actions)
         elif not done.ok:
             self.wanted = False
@@ -282,11 +379,17 @@ class MirrorMachine:
                 State.SECOND,
                 State.STARTING_SECOND,
             )
+            if self.settings.replicated:
+                peered = peered and self.in_sync
             self._move(now, Trigger.DONE_PEERED if peered else Trigger.DONE_ALONE, what, actions)
+            if replica_failed:  # the application started on mounts that died meanwhile
+                self._checker_failed(now, CheckerAction.FAILOVER, replica_failed, actions)
         else:
             self._move(now, Trigger.DONE, what, actions)
 
-    def _checker_failed(self, now: float, ev: CheckerFailed, actions: list[Action]) -> None:
+    def _checker_failed(
+        self, now: float, action: CheckerAction, what: str, actions: list[Action]
+    ) -> None:
         if self.state not in (State.PRIM, State.ALONE):
             return  # a late report from a checker being stopped
         s = self.settings
@@ -294,8 +397,7 @@ class MirrorMachine:
         c = self._counters
         c.restarts[:] = [t for t in c.restarts if t > window]
         c.automatic[:] = [t for t in c.automatic if t > window]
-        what = f"checker {ev.checker}: {ev.detail}"
-        if ev.action == CheckerAction.STOP:
+        if action == CheckerAction.STOP:
             self.wanted = False
             self._move(now, Trigger.CHECK_STOP, what, actions)
             return
@@ -313,7 +415,9 @@ class MirrorMachine:
         c.automatic.append(now)
         peer = self.peer
         can_fail_over = self.state == State.PRIM and peer is not None and peer.state == State.SECOND
-        restart = ev.action == CheckerAction.RESTART and len(c.restarts) < s.max_restarts
+        if s.replicated:  # PRIM: in sync; the secondary must say so too
+            can_fail_over = can_fail_over and peer is not None and peer.data == DataState.UPTODATE
+        restart = action == CheckerAction.RESTART and len(c.restarts) < s.max_restarts
         if restart or not can_fail_over:
             c.restarts.append(now)
             self._move(
@@ -324,6 +428,101 @@ class MirrorMachine:
             )
             return
         self._move(now, Trigger.CHECK_FAILOVER, f"{what}; failing over to {s.peer}", actions)
+
+    # ------------------------------------------------------------------ replication
+    def _peer_data(self, status: PeerModuleStatus, actions: list[Action]) -> None:
+        """Track what the peer's statuses say about data (replicated modules)."""
+        if status.claims_primary:
+            self.peer_was_in_sync = status.in_sync
+        seen = max(self.peer_generation_seen, status.generation)
+        if (
+            self.in_sync
+            and status.data == DataState.UPTODATE
+            and status.generation == self.data.generation
+        ):
+            seen = status.generation  # the peer's copy is ours now: older announcements are void
+        if seen != self.peer_generation_seen:
+            self.peer_generation_seen = seen
+            actions.append(self._persist())
+
+    def _replica_report(self, report: ReplicaReport) -> None:
+        if not self.settings.replicated:
+            return
+        in_sync = report.in_sync and self.replica_role == ReplicaRole.PRIMARY
+        if (report.record, in_sync) != (self.data, self.in_sync):
+            self.data, self.in_sync = report.record, in_sync
+            self.version += 1
+        self.replica_detail = report.detail
+
+    def _replica_failed(self, now: float, ev: ReplicaFailed, actions: list[Action]) -> None:
+        if not self.settings.replicated:
+            return
+        what = f"replication process failed: {ev.detail}"
+        if self.in_sync:
+            self.in_sync = False
+            self.version += 1
+        if self.replica_role != ReplicaRole.PRIMARY:
+            self.reason = f"{what} (restarting it)"
+            return
+        # its mounts died with it: the driver restarts it idle, and the role is set again
+        # before any start_prim
+        self.replica_role = ReplicaRole.IDLE
+        if self.state in (State.PRIM, State.ALONE):
+            self._checker_failed(now, CheckerAction.FAILOVER, what, actions)
+        elif self.state == State.STARTING_PRIM:
+            self.replica_failed = what
+        else:
+            self.reason = what
+
+    def _set_replication(self, role: ReplicaRole, actions: list[Action]) -> None:
+        """Emit ``SetReplication``; the record it will write is known already (action doc)."""
+        if role == ReplicaRole.PRIMARY:
+            seen = self.peer_generation_seen
+            action = SetReplication(role, force_full=self.force, peer_generation=seen)
+            generation = max(self.data.generation, seen) + 1
+            self.data = DataRecord(DataState.UPTODATE, generation, ran_alone=True)
+        else:
+            action = SetReplication(role, outdated=self.mark_outdated)
+            if self.mark_outdated:
+                self.data = DataRecord(DataState.OUTDATED, self.data.generation)
+            self.mark_outdated = False
+        self.replica_role = role
+        self.in_sync = False
+        actions.append(action)
+
+    def _data_order(self, peer: PeerModuleStatus) -> tuple[int, bool]:
+        """Whose copy is newer (1: this node's, -1: the peer's, 0: cannot tell), and whether a
+        split brain was decided for the peer. Both nodes reach opposite verdicts."""
+        order = freshness.compare(self.data, peer.record)
+        if freshness.split_brain(self.data, peer.record):  # the former primary's data is kept
+            yields = self._yields_to_peer(peer)
+            return (-1 if yields else 1), yields
+        return order, False
+
+    def _data_refusal(self) -> str | None:
+        """Why the data rules forbid this node to become primary now (None: allowed)."""
+        s, peer = self.settings, self.peer
+        if not s.replicated:
+            return None
+        if peer is None:
+            in_sync_secondary = self.peer_was_in_sync and self.state in (
+                State.SECOND,
+                State.STOPPING_SECOND,
+            )
+            return freshness.alone_refusal(
+                self.data, self.peer_generation_seen, s.peer, in_sync_secondary=in_sync_secondary
+            )
+        order, kept = self._data_order(peer)
+        return freshness.lead_refusal(self.data, peer.record, order, s.peer, peer_kept=kept)
+
+    def _refusal(self) -> str | None:
+        """:meth:`_data_refusal` with what the node does about it, unless forced."""
+        if self.force:
+            return None
+        refusal = self._data_refusal()
+        if refusal is None:
+            return None
+        return refusal + freshness.waiting_hint(self.settings.peer, self.settings.module)
 
     # ------------------------------------------------------------------ decisions
     def _settle(self, now: float, actions: list[Action]) -> None:
@@ -351,7 +550,13 @@ class MirrorMachine:
             if peer is not None and peer.claims_primary:
                 self.goal = None
                 return Trigger.PEER_PRIMARY, f"prim refused: peer {peer.node} is {peer.state}"
-            return Trigger.PRIM, "started as primary by the operator"
+            refusal = self._refusal()
+            if refusal is None:
+                forced = " (--force)" if self.force else ""
+                return Trigger.PRIM, f"started as primary by the operator{forced}"
+            self.goal = None
+            self.reason = f"prim refused: {refusal}"
+            return None
         if self.goal == Goal.SECOND:
             return Trigger.SECOND, "started as secondary by the operator"
         if peer is None:
@@ -360,14 +565,22 @@ class MirrorMachine:
             if not s.failover:
                 self.reason = f"waiting for {s.peer}: failover is off (use `hakit prim`)"
                 return None
+            refusal = self._refusal()
+            if refusal is not None:
+                self.reason = f"{s.peer} not heard for {s.startup_wait:g} s; {refusal}"
+                return None
             return Trigger.NO_PEER, f"{s.peer} not heard for {s.startup_wait:g} s"
         if peer.claims_primary:
             return Trigger.PEER_PRIMARY, f"{peer.node} is {peer.state}"
         if not self._peer_is_current(peer):
             return None
-        if peer.state in (State.STOP, State.STOPPING):
-            return Trigger.PEER_STOPPED, f"{peer.node} is {peer.state}"
-        if peer.state in (State.SECOND, State.STARTING_SECOND):
+        if peer.state in (State.STOP, State.STOPPING, State.SECOND, State.STARTING_SECOND):
+            refusal = self._refusal()
+            if refusal is not None:
+                self.reason = f"{peer.node} is {peer.state}, but {refusal}"
+                return None
+            if peer.state in (State.STOP, State.STOPPING):
+                return Trigger.PEER_STOPPED, f"{peer.node} is {peer.state}"
             return Trigger.PEER_SECONDARY, f"{peer.node} is {peer.state}"
         if peer.state in (State.WAIT, State.STARTING):
             return self._election(Trigger.WON_ELECTION, Trigger.LOST_ELECTION)
@@ -380,9 +593,12 @@ class MirrorMachine:
                 f"no heartbeat for {self.peer_silent_for:.1f} s" if self.peer_silent_for else ""
             )
             why = f"{s.peer} lost" + (f": {silent}" if silent else "")
-            if s.failover:
-                return Trigger.PEER_LOST, why
-            return Trigger.PEER_LOST_NO_FAILOVER, why + "; failover is off"
+            if not s.failover:
+                return Trigger.PEER_LOST_NO_FAILOVER, why + "; failover is off"
+            refusal = self._refusal()
+            if refusal is not None:
+                return Trigger.DATA_NOT_CURRENT, f"{why}; not taking over: {refusal}"
+            return Trigger.PEER_LOST, why
         if peer.claims_primary:
             if (
                 s.failback
@@ -396,13 +612,28 @@ class MirrorMachine:
             return None
         if not self._peer_is_current(peer):
             return None
-        if peer.handover:
-            return Trigger.HANDED_OVER, f"{peer.node} handed over ({peer.state})"
-        if peer.state in (State.STOP, State.STOPPING):
+        if peer.handover or peer.state in (State.STOP, State.STOPPING):
+            why = f"{peer.node} handed over ({peer.state})" if peer.handover else ""
+            refusal = self._refusal()
+            if refusal is not None:
+                why = why or f"{peer.node} is {peer.state}"
+                return Trigger.DATA_NOT_CURRENT, f"{why}; not taking over: {refusal}"
+            if peer.handover:
+                return Trigger.HANDED_OVER, why
             return Trigger.PEER_STOPPED, f"{peer.node} is {peer.state}: taking over"
         if peer.state == State.SECOND and not self.handover:  # handed over: the peer takes it
             won = self._election(Trigger.WON_ELECTION, Trigger.LOST_ELECTION)
-            return won if won[0] == Trigger.WON_ELECTION else None
+            return won if won is not None and won[0] == Trigger.WON_ELECTION else None
+        if (  # the peer waits because its data is older than this node's: this node takes over
+            s.replicated
+            and peer.state == State.WAIT
+            and self._data_order(peer)[0] > 0
+            and self._refusal() is None
+        ):
+            return Trigger.WON_ELECTION, (
+                f"{peer.node} is WAIT with older data "
+                f"({freshness.describe(peer.record)}): taking over"
+            )
         return None
 
     def _decide_primary(self) -> tuple[Trigger, str] | None:
@@ -419,18 +650,41 @@ class MirrorMachine:
                     f"(epoch {peer.primary_epoch} vs {self.primary_epoch}): yielding"
                 )
             return None
+        if s.replicated and self.state == State.PRIM and not self.in_sync:
+            detail = f": {self.replica_detail}" if self.replica_detail else ""
+            return Trigger.REPLICA_DEGRADED, f"replication to {peer.node} stopped{detail}"
         if peer.swap_request and peer.state == State.SECOND and self.state == State.PRIM:
             return Trigger.SWAP_REQUESTED, f"{peer.node} asked to swap"
         if self.state == State.ALONE and peer.state == State.SECOND:
-            return Trigger.PEER_SECONDARY, f"{peer.node} is SECOND"
+            if not s.replicated:
+                return Trigger.PEER_SECONDARY, f"{peer.node} is SECOND"
+            if self.in_sync and peer.record == DataRecord(DataState.UPTODATE, self.data.generation):
+                return Trigger.PEER_SECONDARY, f"{peer.node} is SECOND and in sync"
+            return None
         if self.state == State.PRIM and peer.state not in (State.SECOND, State.STARTING_SECOND):
             return Trigger.PEER_LEFT, f"{peer.node} is {peer.state}"
         return None
 
-    def _election(self, won: Trigger, lost: Trigger) -> tuple[Trigger, str]:
-        """Both nodes compute the same winner from the same inputs (see module docstring)."""
+    def _election(self, won: Trigger, lost: Trigger) -> tuple[Trigger, str] | None:
+        """Both nodes compute the same winner from the same inputs (see module docstring).
+
+        Replicated modules: the newer data wins first; if the winner's copy cannot be proved up
+        to date (neither is), nobody wins (None, with the reason set).
+        """
         s, peer = self.settings, self.peer
         assert peer is not None
+        vs = f"election with {peer.node} ({peer.state})"
+        if s.replicated:
+            refusal = freshness.neither_provable(self.data, peer.record, s.peer)
+            if refusal is not None:
+                self.reason = f"{vs}: {refusal}{freshness.waiting_hint(s.peer, s.module)}"
+                return None
+            order, kept = self._data_order(peer)
+            if order > 0:
+                return won, f"{vs}: this node has the newer data ({freshness.describe(self.data)})"
+            if order < 0:
+                why = "its primary term is older" if kept else "it has the newer data"
+                return lost, f"{vs}: {peer.node} wins, {why} ({freshness.describe(peer.record)})"
 
         def rank(node: NodeId, primary_epoch: int) -> tuple[bool, int, str]:
             # higher wins; names compare inverted so that the smaller name wins a tie
@@ -443,8 +697,8 @@ class MirrorMachine:
         mine = rank(s.node, self.primary_epoch)
         theirs = rank(peer.node, peer.primary_epoch)
         if mine > theirs:
-            return won, f"election with {peer.node} ({peer.state}): this node wins"
-        return lost, f"election with {peer.node} ({peer.state}): {peer.node} wins"
+            return won, f"{vs}: this node wins"
+        return lost, f"{vs}: {peer.node} wins"
 
     def _peer_is_current(self, peer: PeerModuleStatus) -> bool:
         """The peer's status was built knowing this node's current status."""
@@ -457,14 +711,22 @@ class MirrorMachine:
         return self.settings.node > peer.node
 
     # ------------------------------------------------------------------ moving
+    def _persist(self) -> Persist:
+        return Persist(
+            self.wanted, self.state, self.epoch, self.primary_epoch, self.peer_generation_seen
+        )
+
     def _move(self, now: float, trigger: Trigger, why: str, actions: list[Action]) -> None:
         edge: Edge | None = TABLE[self.state].get(trigger)
         if edge is None:
             raise IllegalTransition(f"{self.state} has no edge for {trigger!r}")
         old, new = self.state, edge.to
+        repl = self.settings.replicated
         keep_goal = self.goal == Goal.STOP and old in SCRIPT_OF and new in SCRIPT_OF
+        # replicated: `prim`/`second` from STOP keep their goal through prestart
+        carry_goal = repl and old == State.STARTING and self.goal in (Goal.PRIM, Goal.SECOND)
         self.state = new
-        self.goal = Goal.STOP if keep_goal else edge.goal
+        self.goal = Goal.STOP if keep_goal else self.goal if carry_goal else edge.goal
         self.reason = why
         if edge.goal == Goal.STOP and not keep_goal:
             self.stop_cause = why  # the reason STOP will show, whatever the scripts did after
@@ -472,28 +734,46 @@ class MirrorMachine:
             self.reason, self.stop_cause = self.stop_cause or why, ""
         actions.append(Transitioned(old, new, why))
         self.version += 1
+        if repl and self.data.ran_alone and trigger in _YIELDS_DATA:
+            self.mark_outdated = True  # this node's changes made alone will be discarded
         # exit actions and flags
         if old == State.STOPPING_PRIM and new != State.STARTING_PRIM:
             actions.append(DelVips())
+            if repl:
+                self._set_replication(ReplicaRole.IDLE, actions)
+        if repl and old == State.STOPPING_SECOND and new != State.STARTING_SECOND:
+            self._set_replication(ReplicaRole.IDLE, actions)
         if old == State.SECOND or new in (State.STOP, State.WAIT):
             self.swap_request = False
         if old in (State.PRIM, State.ALONE) and edge.goal == Goal.SECOND:
             self.handover = trigger != Trigger.DUAL_PRIMARY  # leave the role *for* the peer
         elif new in (State.STOP, State.WAIT, State.STARTING_PRIM):
             self.handover = False
+        if new in (State.STOP, State.STARTING, State.WAIT, State.STARTING_PRIM):
+            self.peer_was_in_sync = False
         # entry actions
         if new == State.STARTING_PRIM and old != State.STOPPING_PRIM:
             self.epoch = max(self.epoch, self.peer.epoch if self.peer else 0) + 1
             self.primary_epoch = self.epoch
         if new == State.WAIT:
             self.wait_deadline = now + self.settings.startup_wait
-        actions.append(Persist(self.wanted, new, self.epoch, self.primary_epoch))
+        actions.append(self._persist())
         if old == State.STARTING_PRIM and new in (State.PRIM, State.ALONE):
             actions.append(StartCheckers())
         if old in (State.PRIM, State.ALONE) and new == State.STOPPING_PRIM:
             actions.append(StopCheckers())
         if new == State.STARTING_PRIM:
+            if repl and (old != State.STOPPING_PRIM or self.replica_role != ReplicaRole.PRIMARY):
+                self._set_replication(ReplicaRole.PRIMARY, actions)
             actions.append(AddVips())
+        if repl and new == State.STARTING_SECOND:
+            self._set_replication(ReplicaRole.SECONDARY, actions)
+        if self.goal != Goal.PRIM:
+            self.force = False
         script = SCRIPT_OF.get(new)
         if script is not None:
             actions.append(RunScript(script, f"{old}->{new}"))
+
+
+#: Triggers by which a node that ran alone becomes secondary of a peer whose copy is kept.
+_YIELDS_DATA = frozenset({Trigger.DUAL_PRIMARY, Trigger.PEER_PRIMARY, Trigger.LOST_ELECTION})

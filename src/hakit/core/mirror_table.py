@@ -59,6 +59,9 @@ class Trigger(StrEnum):
     WON_ELECTION = "won election"
     LOST_ELECTION = "lost election"
     DUAL_PRIMARY = "both primary, this node yields"
+    # data freshness (replicated modules)
+    REPLICA_DEGRADED = "secondary not in sync"  # the replication to the secondary stopped
+    DATA_NOT_CURRENT = "data not provably up to date"  # may not take over: wait instead
     SWAP_REQUESTED = "peer asks to swap"
     # checkers and the loop guard
     CHECK_RESTART = "checker: restart"
@@ -119,7 +122,12 @@ TABLE: dict[State, dict[Trigger, Edge]] = {
         T.FAILED: Edge(S.STOPPING_PRIM, G.STOP),
         T.THEN_STOP: Edge(S.STOPPING_PRIM, G.STOP),
     },
-    S.PRIM: {**_STOP_PRIM, T.PEER_LOST: Edge(S.ALONE), T.PEER_LEFT: Edge(S.ALONE)},
+    S.PRIM: {
+        **_STOP_PRIM,
+        T.PEER_LOST: Edge(S.ALONE),
+        T.PEER_LEFT: Edge(S.ALONE),
+        T.REPLICA_DEGRADED: Edge(S.ALONE),
+    },
     S.ALONE: {**_STOP_PRIM, T.PEER_SECONDARY: Edge(S.PRIM)},
     S.STOPPING_PRIM: {
         T.THEN_STOP: Edge(S.STOPPING, G.STOP),
@@ -138,6 +146,7 @@ TABLE: dict[State, dict[Trigger, Edge]] = {
         T.STOPSTART: Edge(S.STOPPING_SECOND, G.RESTART_MODULE),
         T.PEER_LOST: Edge(S.STOPPING_SECOND, G.PRIM),
         T.PEER_LOST_NO_FAILOVER: Edge(S.STOPPING_SECOND, G.WAIT),
+        T.DATA_NOT_CURRENT: Edge(S.STOPPING_SECOND, G.WAIT),
         T.PEER_STOPPED: Edge(S.STOPPING_SECOND, G.PRIM),
         T.HANDED_OVER: Edge(S.STOPPING_SECOND, G.PRIM),
         T.WON_ELECTION: Edge(S.STOPPING_SECOND, G.PRIM),

@@ -5,6 +5,11 @@ status version of the peer's module that this node last processed. The receiver 
 acknowledgement into ``acked_version`` (its own version if the incarnation is its current one,
 else -1): see :class:`hakit.core.events.PeerModuleStatus`.
 
+Replicated modules add their data record, each key only when it differs from its default (so
+the entries of other modules are unchanged): ``"data"`` a one-letter code (``u`` up to date,
+``o`` outdated, ``r`` resyncing; absent: unknown), ``"gen"`` the generation (absent: 0),
+``"alone"`` true if it ran alone, ``"sync"`` true if it is primary with an in-sync secondary.
+
 Input comes from the network (authenticated, but still checked): anything malformed raises
 :class:`PayloadError` and the whole heartbeat is dropped.
 """
@@ -16,10 +21,15 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from hakit.core.events import PeerModuleStatus
+from hakit.core.freshness import DataState
 from hakit.core.mirror import Status
 from hakit.model import ModuleName, NodeId, State
 
 T = TypeVar("T")
+
+
+_DATA_CODES = {DataState.UPTODATE: "u", DataState.OUTDATED: "o", DataState.RESYNCING: "r"}
+_DATA_STATES = {code: state for state, code in _DATA_CODES.items()}
 
 
 class PayloadError(ValueError):
@@ -48,6 +58,15 @@ def encode(statuses: Mapping[ModuleName, Status], acks: Mapping[ModuleName, Ack]
             "ver": st.version,
             "ack": [ack.incarnation, ack.version],
         }
+        entry = modules[name]
+        if st.data != DataState.UNKNOWN:
+            entry["data"] = _DATA_CODES[st.data]
+        if st.generation:
+            entry["gen"] = st.generation
+        if st.ran_alone:
+            entry["alone"] = True
+        if st.in_sync:
+            entry["sync"] = True
     return {"modules": modules}
 
 
@@ -85,6 +104,10 @@ def decode(
             handover=_get(entry, "handover", bool),
             swap_request=_get(entry, "swap", bool),
             acked_version=ack[1] if ack[0] == my_incarnation else -1,
+            data=_data_state(entry),
+            generation=_get(entry, "gen", int, 0),
+            ran_alone=_get(entry, "alone", bool, False),
+            in_sync=_get(entry, "sync", bool, False),
         )
         out[ModuleName(name)] = Received(status, _get(entry, "ver", int))
     return out
@@ -94,8 +117,20 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _get(entry: Mapping[str, Any], key: str, kind: type[T]) -> T:
+def _data_state(entry: Mapping[str, Any]) -> DataState:
+    code = entry.get("data")
+    if code is None:
+        return DataState.UNKNOWN
+    if not isinstance(code, str) or code not in _DATA_STATES:
+        raise PayloadError("data: expected one of " + ", ".join(sorted(_DATA_STATES)))
+    return _DATA_STATES[code]
+
+
+def _get(entry: Mapping[str, Any], key: str, kind: type[T], default: T | None = None) -> T:
+    """``entry[key]`` of type ``kind``; absent → ``default`` if one is given."""
     value = entry.get(key)
+    if value is None and default is not None:
+        return default
     ok = _is_int(value) if kind is int else isinstance(value, kind)
     if not ok:
         raise PayloadError(f"{key}: expected {kind.__name__}")
