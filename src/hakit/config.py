@@ -103,6 +103,8 @@ class ClusterConfig(_Strict):
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     api: ApiConfig = ApiConfig()
     nodes: dict[Name, NodeConfig]
+    # networks on which replication runs without TLS: only for trusted, dedicated links
+    plaintext_networks: list[Name] = []
 
     @model_validator(mode="after")
     def _check(self) -> ClusterConfig:
@@ -170,6 +172,33 @@ class LoopGuardConfig(_Strict):
     period: Duration = 3600.0
 
 
+class ReplicateConfig(_Strict):
+    """One replicated directory of a mirror module (``[[replicate]]``)."""
+
+    path: Path  # absolute; the same path on both nodes unless the node's config says otherwise
+    exclude: list[str] = []  # relative paths or glob patterns left out: "cache/", "*.tmp"
+
+    @model_validator(mode="after")
+    def _absolute(self) -> ReplicateConfig:
+        if not self.path.is_absolute():
+            raise ValueError(f"path {str(self.path)!r} must be absolute, e.g. /var/lib/app")
+        if self.path == Path("/"):
+            raise ValueError("path: / cannot be replicated; name the application's directory")
+        return self
+
+
+class ReplicationConfig(_Strict):
+    """How a mirror module's directories are replicated (``[replication]``)."""
+
+    port: int = Field(default=7420, ge=1, le=65535)  # TCP port the secondary listens on
+    network: Name | None = None  # heartbeat network carrying the data; default: the first
+    ack: Literal["receipt", "durable"] = "receipt"  # when the secondary acknowledges a change
+    timeout: Duration = 5.0  # no reply for this long: the secondary is lost, primary goes ALONE
+    bandwidth: float | None = Field(None, gt=0)  # resync cap in MB/s (10^6 B); None: no cap
+    streams: int = Field(default=2, ge=1, le=16)  # parallel connections of a full resync
+    block_size: int = Field(default=128 * 1024, ge=4096, le=16 << 20)  # resync checksum block
+
+
 class ModuleConfig(_Strict):
     mode: Literal["mirror"]
     nodes: list[Name] | None = None  # default: the cluster's nodes (exactly two for mirror)
@@ -180,6 +209,20 @@ class ModuleConfig(_Strict):
     scripts: ScriptsConfig = ScriptsConfig()
     checkers: list[Checker] = []
     loop_guard: LoopGuardConfig = LoopGuardConfig()
+    replicate: list[ReplicateConfig] = []  # directories kept identical on both nodes
+    replication: ReplicationConfig = ReplicationConfig()
+
+    @model_validator(mode="after")
+    def _distinct_dirs(self) -> ModuleConfig:
+        paths = [r.path for r in self.replicate]
+        for i, a in enumerate(paths):
+            for b in paths[i + 1 :]:
+                if a == b or a in b.parents or b in a.parents:
+                    raise ValueError(
+                        f"replicate: {a} and {b} overlap; list each directory once, "
+                        "and use exclude for parts of it"
+                    )
+        return self
 
 
 class Module:
@@ -198,6 +241,11 @@ class Module:
 
     def script_timeout(self, name: str) -> float:
         return self.config.scripts.timeouts.get(name, self.config.scripts.timeout)
+
+    @property
+    def replicated(self) -> bool:
+        """The module has directories to replicate (it then runs a replicator process)."""
+        return bool(self.config.replicate)
 
 
 class Config:
@@ -286,7 +334,29 @@ def _load_modules(cluster: ClusterConfig, path: Path, problems: list[str]) -> di
             sp = sub / script
             if sp.exists() and not os.access(sp, os.X_OK):
                 problems.append(f"{sp}: script is not executable — chmod +x {sp}")
+        net = cfg.replication.network
+        if net is not None and net not in cluster.networks:
+            problems.append(
+                f"{file}: replication.network: {net!r} is not a network of the nodes' "
+                f"addresses ({cluster.networks}) — use one of them"
+            )
         modules[sub.name] = Module(sub.name, sub, cfg, nodes)
+    ports: dict[int, str] = {}
+    for name, mod in modules.items():
+        if not mod.config.replicate:
+            continue
+        port = mod.config.replication.port
+        if port in ports:
+            problems.append(
+                f"{mod.folder / 'module.toml'}: replication.port: {port} is already used by "
+                f"module {ports[port]} — give each replicated module its own port"
+            )
+        ports[port] = name
+    for net in cluster.plaintext_networks:
+        if net not in cluster.networks:
+            problems.append(
+                f"{path}: plaintext_networks: {net!r} is not one of the networks {cluster.networks}"
+            )
     if len(modules) > MAX_MODULES:
         problems.append(f"{folder}: {len(modules)} modules; at most {MAX_MODULES} per cluster")
     return modules

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hakit.agent.checkers import checker_name, run_checker
+from hakit.agent.replica_proc import ReplicaProcess
 from hakit.agent.store import Store
 from hakit.config import Config, Module
 from hakit.core.actions import (
@@ -34,16 +35,19 @@ from hakit.core.actions import (
     DelVips,
     Persist,
     RunScript,
+    SetReplication,
     StartCheckers,
     StopCheckers,
     Transitioned,
 )
-from hakit.core.events import CheckerFailed, Event, ScriptDone
+from hakit.core.events import CheckerFailed, Event, ReplicaFailed, ReplicaReport, ScriptDone
+from hakit.core.freshness import DataRecord, DataState
 from hakit.core.mirror import CommandRefused, Durable, MirrorMachine, MirrorSettings, Status
 from hakit.core.payload import Ack
 from hakit.model import NodeId, State
 from hakit.net import NetError
 from hakit.net.vip import add_vip_async, announce, del_vip_async
+from hakit.repl import record as data_records
 from hakit.system.run import run_async
 
 log = logging.getLogger(__name__)
@@ -88,9 +92,22 @@ class ModuleRunner:
             max_restarts=cfg.loop_guard.max_restarts,
             guard_max=cfg.loop_guard.max_actions,
             guard_period=cfg.loop_guard.period,
+            replicated=module.replicated,
+            module=module.name,
         )
         self.durable: Durable = store.load_module(self.name)
-        self.machine = MirrorMachine(settings, self.durable)
+        data: DataRecord | None = None
+        self.replica: ReplicaProcess | None = None
+        self.replica_view: dict[str, object] = {}  # last report of the replicator, for `state`
+        if module.replicated:
+            try:
+                data = data_records.load(
+                    data_records.record_path(config.cluster.state_dir, module.name)
+                )
+            except ValueError as exc:
+                log.error("module %s: %s; treating the data as unknown", module.name, exc)
+                data = DataRecord()
+        self.machine = MirrorMachine(settings, self.durable, data)
         self.published: Status = self.machine.status()
         # What heartbeats acknowledge goes out only with a status built on it: a peer that sees
         # "acked version v" may rely on this node's published status having taken v into
@@ -109,6 +126,15 @@ class ModuleRunner:
         log_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = log_dir / f"{self.name}.log"
         self.log_fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+        if module.replicated:
+            self.replica = ReplicaProcess(
+                config_path=config.path,
+                module=module.name,
+                node=node,
+                log_fd=self.log_fd,
+                on_report=self._replica_report,
+                on_failed=self._replica_failed,
+            )
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -122,6 +148,8 @@ class ModuleRunner:
         self.worker = asyncio.create_task(self._work(), name=f"module {self.name}")
 
     async def close(self) -> None:
+        if self.replica is not None:
+            await self.replica.close()  # unmounts: the application loses its files
         for task in [self.worker, self.script_task, *self.checker_tasks]:
             if task is not None:
                 task.cancel()
@@ -173,7 +201,11 @@ class ModuleRunner:
                 self.note(f"{old} -> {new} ({reason})")
             case Persist():
                 self.durable = Durable(
-                    action.wanted, action.state, action.epoch, action.primary_epoch
+                    action.wanted,
+                    action.state,
+                    action.epoch,
+                    action.primary_epoch,
+                    action.peer_generation_seen,
                 )
                 # fsync off the event loop: a slow disk must not stall heartbeats (the worker
                 # still waits for it before the next action)
@@ -186,6 +218,8 @@ class ModuleRunner:
                 self.note(f"{self.peer} let go of the primary role: announcing the VIPs again")
                 for vip in self.module.config.vips:
                     self._announce(vip.interface, vip.address, vip.garp_count, vip.garp_interval)
+            case SetReplication():
+                await self._set_replication(action)
             case StartCheckers():
                 self._start_checkers()
             case StopCheckers():
@@ -207,6 +241,58 @@ class ModuleRunner:
                 return
             self.note(f"VIP {vip.address} {'added on' if added else 'already on'} {vip.interface}")
             self._announce(vip.interface, vip.address, vip.garp_count, vip.garp_interval)
+
+    async def _set_replication(self, action: SetReplication) -> None:
+        """Give the replicator its role and wait until it is in place (mounted, listening or
+        released); a failure fails the script that follows, like a VIP that cannot be added."""
+        if self.replica is None:
+            return
+        role = str(action.role)
+        self.note(
+            f"replication: role {role}" + (" (full resync forced)" if action.force_full else "")
+        )
+        error = await self.replica.set_role(
+            role, action.force_full, action.peer_generation, action.outdated
+        )
+        if error is not None:
+            self.vip_failure = f"replication ({role}): {error}"
+            self.note(self.vip_failure, error=True)
+
+    def _replica_report(self, msg: dict[str, object]) -> None:
+        try:
+            record = DataRecord(
+                DataState(str(msg["data"])), int(str(msg["generation"])), bool(msg["ran_alone"])
+            )
+        except (KeyError, ValueError) as exc:
+            log.error("module %s: bad report from the replicator %r: %s", self.name, msg, exc)
+            return
+        old = self.replica_view
+        self.replica_view = {k: msg.get(k) for k in ("mode", "detail", "progress", "in_sync")}
+        if (old.get("mode"), old.get("detail")) != (msg.get("mode"), msg.get("detail")) and not (
+            msg.get("mode") == "resync" and old.get("mode") == "resync"
+        ):
+            self.note(f"replication: {msg.get('detail')}")
+        try:
+            self.step(ReplicaReport(record, bool(msg.get("in_sync")), str(msg.get("detail", ""))))
+        except Exception:
+            log.exception("module %s: BUG stepping a replica report; please report it", self.name)
+
+    def _replica_failed(self, detail: str) -> None:
+        self.note(f"replication process failed: {detail}", error=True)
+        self.replica_view = {"mode": "failed", "detail": detail}
+        try:
+            self.step(ReplicaFailed(detail))
+        except Exception:
+            log.exception("module %s: BUG stepping ReplicaFailed; please report it", self.name)
+        if self.machine.state in (State.SECOND, State.STARTING_SECOND):
+            # a secondary's replicator is simply started again; the primary resyncs it
+            asyncio.get_running_loop().create_task(self._restart_secondary())
+
+    async def _restart_secondary(self) -> None:
+        await asyncio.sleep(1.0)
+        if self.replica is not None and self.machine.state == State.SECOND:
+            error = await self.replica.set_role("secondary", False, 0, False)
+            self.note(f"replication: secondary restarted{f' — failed: {error}' if error else ''}")
 
     def _announce(self, interface: str, address: str, count: int, interval: float) -> None:
         task = asyncio.create_task(announce(interface, address, count, interval))

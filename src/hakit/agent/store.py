@@ -66,6 +66,7 @@ class Store:
                 state=State(raw["state"]),
                 epoch=int(raw["epoch"]),
                 primary_epoch=int(raw["primary_epoch"]),
+                peer_generation_seen=int(raw.get("peer_generation_seen", 0)),
             )
         except FileNotFoundError:
             return Durable()
@@ -79,5 +80,6 @@ class Store:
             "state": record.state.value,
             "epoch": record.epoch,
             "primary_epoch": record.primary_epoch,
+            "peer_generation_seen": record.peer_generation_seen,
         }
         write_atomic(self._module_path(module), json.dumps(data, sort_keys=True) + "\n")

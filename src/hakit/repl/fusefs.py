@@ -1,0 +1,451 @@
+"""The FUSE file system mounted over a replicated directory on the primary.
+
+:class:`ReplicatedFs` is a passthrough: every operation goes to the *underlying* directory
+through a descriptor opened before the mount (``os.*(…, dir_fd=root)``), reads included, so
+reads never touch the network. Each change is made locally and handed to the module's
+:class:`~hakit.repl.primary.PrimaryReplicator` under its order lock, then waited for outside the
+lock (see that module for the contract): a change returns to the application once the
+secondary has applied it, or once it is durably recorded for the resync.
+
+Choices (measured in docs/fuse-binding.md): mfusepy on libfuse3, multithreaded loop, 1 MiB
+writes, no writeback cache (it would acknowledge writes before they are replicated),
+``hard_remove`` (no ``.fuse_hidden`` files: a file unlinked while open has no name, so later
+writes to it are not replicated — nobody can reach them), ``use_ino``.
+
+``fsync``/``fdatasync`` (and O_SYNC/O_DSYNC writes, which the kernel follows with an FSYNC
+request) flush the local file and the secondary's copy at the same time and return when both
+are done. The daemon opens files without O_SYNC/O_DSYNC/O_DIRECT for that reason.
+
+Caveats: ``RENAME_EXCHANGE`` is refused (EINVAL); ``RENAME_NOREPLACE`` is honoured; atime is
+not replicated; ctime cannot be set, so it differs between the copies.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import stat
+from collections.abc import Iterable
+from typing import Any
+
+from mfusepy import FUSE, FuseOSError, Operations, fuse_get_context
+
+from hakit.repl import protocol as p
+from hakit.repl.primary import PrimaryReplicator
+
+_STAT_KEYS = (
+    "st_mode",
+    "st_nlink",
+    "st_uid",
+    "st_gid",
+    "st_size",
+    "st_blocks",
+    "st_ino",
+    "st_rdev",
+)
+_STATFS_KEYS = (
+    "f_bavail",
+    "f_bfree",
+    "f_blocks",
+    "f_bsize",
+    "f_favail",
+    "f_ffree",
+    "f_files",
+    "f_flag",
+    "f_frsize",
+    "f_namemax",
+)
+_DROP_FLAGS = os.O_SYNC | os.O_DSYNC | getattr(os, "O_DIRECT", 0)
+RENAME_NOREPLACE = 1
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with any mode (os.posix_fallocate only does mode 0)."""
+    if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+class _Fuse(FUSE):  # type: ignore[misc]
+    """mfusepy drops rename flags; pass them on so RENAME_NOREPLACE is honoured."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(  # type: ignore[no-any-return]
+            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
+        )
+
+
+def _dtype(e: os.DirEntry[str]) -> int:
+    if e.is_symlink():
+        return stat.S_IFLNK
+    if e.is_dir(follow_symlinks=False):
+        return stat.S_IFDIR
+    if e.is_file(follow_symlinks=False):
+        return stat.S_IFREG
+    return stat.S_IFMT(e.stat(follow_symlinks=False).st_mode)
+
+
+class ReplicatedFs(Operations):  # type: ignore[misc]
+    """One mounted directory (index ``root`` in the module's list). See module docstring."""
+
+    use_ns = True
+
+    def __init__(self, repl: PrimaryReplicator, root: int) -> None:
+        self.repl = repl
+        self.root = root
+        self.fd = repl.roots[root]
+        self.me = (os.geteuid(), os.getegid())
+
+    # ------------------------------------------------------------------ helpers
+    def _rel(self, path: str) -> bytes:
+        return p.fuse_path(path)
+
+    def _proc(self, rel: bytes) -> bytes:
+        """A path reaching the underlying object even for calls without dir_fd (xattrs)."""
+        return b"/proc/self/fd/%d/%s" % (self.fd, rel)
+
+    def _mtime(self, rel: bytes) -> int:
+        return os.stat(rel, dir_fd=self.fd, follow_symlinks=False).st_mtime_ns
+
+    def _caller(self) -> tuple[int, int]:
+        uid, gid, _ = fuse_get_context()
+        return uid, gid
+
+    def _own(self, rel: bytes, fd: int | None = None) -> int:
+        """New objects belong to the caller, not to the (root) daemon; returns the owner."""
+        uid, gid = self._caller()
+        if (uid, gid) != self.me:
+            if fd is not None:
+                os.fchown(fd, uid, gid)
+            else:
+                os.chown(rel, uid, gid, dir_fd=self.fd, follow_symlinks=False)
+        return p.pack_owner(uid, gid)
+
+    def _send(self, req: p.Request, **kw: Any) -> Any:
+        return self.repl.change(self.root, req, **kw)
+
+    # ------------------------------------------------------------------ setup
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        if config is not None:
+            config.entry_timeout = 1.0
+            config.attr_timeout = 0.0  # hard links: another name of the inode may change it
+            config.negative_timeout = 0.0
+            config.use_ino = 1
+            config.hard_remove = 1
+        if conn is not None:
+            conn.max_write = 1 << 20
+
+    def statfs(self, path: str) -> dict[str, int]:
+        sv = os.statvfs(self.fd)
+        return {k: getattr(sv, k) for k in _STATFS_KEYS}
+
+    # ------------------------------------------------------------------ reading
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, int]:
+        st = (
+            os.fstat(fh)
+            if fh is not None
+            else os.stat(self._rel(path), dir_fd=self.fd, follow_symlinks=False)
+        )
+        d = {k: getattr(st, k) for k in _STAT_KEYS}
+        d["st_atime"], d["st_mtime"], d["st_ctime"] = st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns
+        return d
+
+    def access(self, path: str, amode: int) -> None:
+        if not os.access(self._rel(path), amode, dir_fd=self.fd):
+            raise FuseOSError(errno.EACCES)
+
+    def readlink(self, path: str) -> str:
+        return os.fsdecode(os.readlink(self._rel(path), dir_fd=self.fd))
+
+    def readdir(self, path: str, fh: int) -> list[tuple[str, dict[str, int], int]]:
+        d = os.open(self._rel(path), os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
+        try:
+            with os.scandir(d) as it:
+                out = [(e.name, {"st_ino": e.inode(), "st_mode": _dtype(e)}, 0) for e in it]
+        finally:
+            os.close(d)
+        dots = {"st_ino": 1, "st_mode": stat.S_IFDIR}
+        return [(".", dots, 0), ("..", dots, 0), *out]
+
+    def open(self, path: str, flags: int) -> int:
+        rel = self._rel(path)
+        if not flags & os.O_TRUNC:
+            return os.open(rel, flags & ~_DROP_FLAGS, dir_fd=self.fd)
+        with self.repl.order:
+            fd = os.open(rel, flags & ~_DROP_FLAGS, dir_fd=self.fd)
+            t = self._send(p.Request(p.Op.TRUNCATE, rel, a=0, b=os.fstat(fd).st_mtime_ns))
+        self.repl.finish(t)
+        return fd
+
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return os.pread(fh, size, offset)
+
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        return os.getxattr(self._proc(self._rel(path)), name, follow_symlinks=False)
+
+    def listxattr(self, path: str) -> Iterable[str]:
+        return os.listxattr(self._proc(self._rel(path)), follow_symlinks=False)
+
+    # ------------------------------------------------------------------ data
+    def create(self, path: str, mode: int, flags: int) -> int:
+        rel = self._rel(path)
+        with self.repl.order:
+            fd = os.open(rel, (flags & ~_DROP_FLAGS) | os.O_CREAT, mode, dir_fd=self.fd)
+            owner = self._own(rel, fd)
+            st = os.fstat(fd)
+            t = self._send(
+                p.Request(
+                    p.Op.CREATE,
+                    rel,
+                    a=stat.S_IMODE(st.st_mode),
+                    b=st.st_mtime_ns,
+                    c=owner,
+                    d=self._mtime(p.parent_of(rel)),
+                )
+            )
+        self.repl.finish(t)
+        return fd
+
+    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        if path is None:  # unlinked while open: nobody can reach these bytes
+            return os.pwrite(fh, data, offset)
+        rel = self._rel(path)
+        with self.repl.order:
+            n = os.pwrite(fh, data, offset)
+            t = self._send(
+                p.Request(
+                    p.Op.WRITE,
+                    rel,
+                    data=data if n == len(data) else data[:n],
+                    a=offset,
+                    b=os.fstat(fh).st_mtime_ns,
+                ),
+                rng=(offset, n),
+            )
+        self.repl.finish(t)
+        return n
+
+    def truncate(self, path: str | None, length: int, fh: int | None = None) -> None:
+        if path is None:
+            if fh is not None:
+                os.ftruncate(fh, length)
+            return
+        rel = self._rel(path)
+        with self.repl.order:
+            if fh is not None:
+                os.ftruncate(fh, length)
+            else:
+                os.truncate(self._proc(rel), length)
+            t = self._send(
+                p.Request(p.Op.TRUNCATE, rel, a=length, b=self._mtime(rel)),
+                rng=(min(length, 1 << 62), 1 << 62),
+            )
+        self.repl.finish(t)
+
+    def fallocate(self, path: str | None, mode: int, offset: int, size: int, fh: int) -> None:
+        if path is None:
+            fallocate(fh, mode, offset, size)
+            return
+        rel = self._rel(path)
+        with self.repl.order:
+            fallocate(fh, mode, offset, size)
+            t = self._send(
+                p.Request(
+                    p.Op.FALLOCATE, rel, a=offset, b=size, c=mode, d=os.fstat(fh).st_mtime_ns
+                ),
+                rng=(offset, size),
+            )
+        self.repl.finish(t)
+
+    def fsync(self, path: str | None, datasync: int, fh: int) -> None:
+        """Both copies flushed at once; returns when both are durable."""
+        t = None
+        if path is not None:
+            rel = self._rel(path)
+            with self.repl.order:
+                t = self._send(p.Request(p.Op.FSYNC, rel, a=1 if datasync else 0))
+        (os.fdatasync if datasync else os.fsync)(fh)
+        self.repl.finish(t)
+
+    def fsyncdir(self, path: str | None, datasync: int, fh: int) -> None:
+        rel = self._rel(path or "/")
+        with self.repl.order:
+            t = self._send(p.Request(p.Op.FSYNC, rel, a=0))
+        fd = os.open(rel, os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        self.repl.finish(t)
+
+    def flush(self, path: str | None, fh: int) -> None:
+        return None
+
+    def release(self, path: str | None, fh: int) -> None:
+        os.close(fh)
+
+    # ------------------------------------------------------------------ namespace
+    def mkdir(self, path: str, mode: int) -> None:
+        rel = self._rel(path)
+        with self.repl.order:
+            os.mkdir(rel, mode, dir_fd=self.fd)
+            owner = self._own(rel)
+            st = os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
+            t = self._send(
+                p.Request(
+                    p.Op.MKDIR,
+                    rel,
+                    a=stat.S_IMODE(st.st_mode),
+                    b=st.st_mtime_ns,
+                    c=owner,
+                    d=self._mtime(p.parent_of(rel)),
+                ),
+                tree=True,
+            )
+        self.repl.finish(t)
+
+    def mknod(self, path: str, mode: int, dev: int) -> None:
+        rel = self._rel(path)
+        with self.repl.order:
+            os.mknod(rel, mode, dev, dir_fd=self.fd)
+            owner = self._own(rel)
+            st = os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
+            t = self._send(
+                p.Request(
+                    p.Op.MKNOD, rel, a=st.st_mode, b=dev, c=owner, d=self._mtime(p.parent_of(rel))
+                )
+            )
+            t2 = self._send(p.Request(p.Op.UTIMENS, rel, a=st.st_atime_ns, b=st.st_mtime_ns))
+        self.repl.finish(t)
+        self.repl.finish(t2)
+
+    def symlink(self, target: str, source: str) -> None:
+        """Create the link ``target`` whose content is ``source`` (mfusepy's naming)."""
+        rel = self._rel(target)
+        with self.repl.order:
+            os.symlink(source, rel, dir_fd=self.fd)
+            owner = self._own(rel)
+            t = self._send(
+                p.Request(
+                    p.Op.SYMLINK,
+                    rel,
+                    os.fsencode(source),
+                    b=self._mtime(rel),
+                    c=owner,
+                    d=self._mtime(p.parent_of(rel)),
+                )
+            )
+        self.repl.finish(t)
+
+    def link(self, target: str, source: str) -> None:
+        """Create the hard link ``target`` to the existing ``source``."""
+        new, old = self._rel(target), self._rel(source)
+        with self.repl.order:
+            os.link(old, new, src_dir_fd=self.fd, dst_dir_fd=self.fd, follow_symlinks=False)
+            t = self._send(
+                p.Request(p.Op.LINK, new, old, d=self._mtime(p.parent_of(new))), also=old
+            )
+        self.repl.finish(t)
+
+    def unlink(self, path: str) -> None:
+        rel = self._rel(path)
+        with self.repl.order:
+            os.unlink(rel, dir_fd=self.fd)
+            t = self._send(p.Request(p.Op.UNLINK, rel, d=self._mtime(p.parent_of(rel))))
+        self.repl.finish(t)
+
+    def rmdir(self, path: str) -> None:
+        rel = self._rel(path)
+        with self.repl.order:
+            os.rmdir(rel, dir_fd=self.fd)
+            t = self._send(p.Request(p.Op.RMDIR, rel, d=self._mtime(p.parent_of(rel))), tree=True)
+        self.repl.finish(t)
+
+    def rename(self, old: str, new: str, flags: int = 0) -> None:
+        src, dst = self._rel(old), self._rel(new)
+        if flags & ~RENAME_NOREPLACE:
+            raise FuseOSError(errno.EINVAL)
+        with self.repl.order:
+            if flags & RENAME_NOREPLACE:
+                try:
+                    os.stat(dst, dir_fd=self.fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    raise FuseOSError(errno.EEXIST)
+            os.rename(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            is_dir = stat.S_ISDIR(os.stat(dst, dir_fd=self.fd, follow_symlinks=False).st_mode)
+            t = self._send(
+                p.Request(
+                    p.Op.RENAME,
+                    src,
+                    dst,
+                    c=self._mtime(p.parent_of(src)),
+                    d=self._mtime(p.parent_of(dst)),
+                ),
+                also=dst,
+                tree=is_dir,
+            )
+        self.repl.finish(t)
+
+    # ------------------------------------------------------------------ metadata
+    def chmod(self, path: str | None, mode: int) -> None:
+        if path is None:
+            raise FuseOSError(errno.ENOENT)
+        rel = self._rel(path)
+        with self.repl.order:
+            os.chmod(self._proc(rel), mode)  # noqa: PTH101  (bytes path under /proc)
+            t = self._send(p.Request(p.Op.CHMOD, rel, a=stat.S_IMODE(mode)))
+        self.repl.finish(t)
+
+    def chown(self, path: str | None, uid: int, gid: int) -> None:
+        if path is None:
+            raise FuseOSError(errno.ENOENT)
+        rel = self._rel(path)
+        with self.repl.order:
+            os.chown(rel, uid, gid, dir_fd=self.fd, follow_symlinks=False)
+            t = self._send(p.Request(p.Op.CHOWN, rel, c=p.pack_owner(uid, gid)))
+        self.repl.finish(t)
+
+    def utimens(self, path: str | None, times: tuple[int, int] | None = None) -> None:
+        if path is None:
+            raise FuseOSError(errno.ENOENT)
+        rel = self._rel(path)
+        with self.repl.order:
+            if times:
+                os.utime(rel, ns=times, dir_fd=self.fd, follow_symlinks=False)
+            else:
+                os.utime(rel, dir_fd=self.fd, follow_symlinks=False)
+            st = os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
+            t = self._send(p.Request(p.Op.UTIMENS, rel, a=st.st_atime_ns, b=st.st_mtime_ns))
+        self.repl.finish(t)
+
+    def setxattr(self, path: str, name: str, value: bytes, options: int, position: int = 0) -> None:
+        rel = self._rel(path)
+        with self.repl.order:
+            os.setxattr(self._proc(rel), name, value, options, follow_symlinks=False)
+            t = self._send(p.Request(p.Op.SETXATTR, rel, os.fsencode(name), data=value, a=options))
+        self.repl.finish(t)
+
+    def removexattr(self, path: str, name: str) -> None:
+        rel = self._rel(path)
+        with self.repl.order:
+            os.removexattr(self._proc(rel), name, follow_symlinks=False)
+            t = self._send(p.Request(p.Op.REMOVEXATTR, rel, os.fsencode(name)))
+        self.repl.finish(t)
+
+
+def mount(repl: PrimaryReplicator, root: int, mountpoint: str, fsname: str) -> None:
+    """Serve ``mountpoint`` until it is unmounted (blocks; run it in a thread)."""
+    _Fuse(
+        ReplicatedFs(repl, root),
+        mountpoint,
+        foreground=True,
+        allow_other=True,
+        default_permissions=True,
+        fsname=fsname,
+        subtype="hakit",
+    )

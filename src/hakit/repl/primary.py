@@ -1,0 +1,392 @@
+"""The primary's replication engine: send every change synchronously, or track it.
+
+One :class:`PrimaryReplicator` per module on the primary, shared by the FUSE file systems of
+all its directories. Modes:
+
+- ``ALONE``: no secondary in sync. Changes are recorded in the dirty journal (durably at the
+  first change of a path) and return at once.
+- ``RESYNC``: connected; the resync (:mod:`hakit.repl.resync`) brings the secondary up to date.
+  A change to a path the journal still holds is only recorded (the resync sends it later); any
+  other change is sent and waited for, as in SYNC.
+- ``SYNC``: every change is sent, and returns once the secondary has answered.
+
+Contract for the file systems (see :meth:`change` and :meth:`finish`): hold :attr:`order`
+while making the local change and calling :meth:`change`, so that the order of requests on
+the wire is the order of the changes on the primary's disk; then, *outside* the lock, call
+:meth:`finish`, which waits for the secondary. When :meth:`finish` returns, the change is on
+the secondary, or it is recorded in the journal and the node's data record says it ran alone
+(rule 3 of docs/replication.md) — both durably.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import ssl
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from hakit.core.freshness import DataRecord, DataState
+from hakit.repl import protocol as p
+from hakit.repl import record as records
+from hakit.repl.link import Link, Pending, ReplicaLost, connect
+from hakit.repl.tls import SERVER_NAME
+from hakit.repl.tracker import DirtyJournal
+from hakit.repl.tree import Exclusions
+
+log = logging.getLogger("hakit.repl.primary")
+
+Key = tuple[int, bytes]
+
+
+class Mode(enum.StrEnum):
+    ALONE = "alone"
+    RESYNC = "resync"
+    SYNC = "sync"
+
+
+@dataclass(frozen=True)
+class PrimarySettings:
+    module: str
+    node: str
+    peer_host: str
+    port: int
+    timeout: float  # no reply for this long: the secondary is lost
+    context: ssl.SSLContext | None  # None: plaintext (explicitly configured)
+    record_file: Path
+    streams: int = 2
+    block_size: int = 128 * 1024
+    bandwidth: float | None = None  # resync cap, bytes/s
+    checkpoint_interval: float = 2.0  # SYNCFS on the secondary this often (crash window)
+    retry_interval: float = 1.0  # reconnection attempts while ALONE
+
+
+@dataclass
+class Ticket:
+    """A change sent to the secondary, to wait for in :meth:`PrimaryReplicator.finish`."""
+
+    pending: Pending
+    link: Link
+    keys: tuple[Key, ...]
+    what: str
+
+
+class PrimaryReplicator:
+    """See the module docstring. ``emit`` reports records, progress and log lines to the agent."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        settings: PrimarySettings,
+        roots: list[int],
+        exclusions: list[Exclusions],
+        journal: DirtyJournal,
+        record: DataRecord,
+        emit: Callable[[dict[str, Any]], None],
+    ) -> None:
+        self.s = settings
+        self.roots = roots
+        self.exclusions = exclusions
+        self.journal = journal
+        self.record = record
+        self.emit = emit
+        self.order = threading.Lock()
+        self.mode = Mode.ALONE
+        self.link: Link | None = None
+        self.peer_record: DataRecord | None = None
+        self.peer_unclean = False
+        self.detail = "starting"
+        self._stop = threading.Event()
+        # paths sent since the secondary's last durable checkpoint: [(checkpoint seq, keys)]
+        self._recent: list[tuple[int, set[Key]]] = [(0, set())]
+        self._threads: list[threading.Thread] = []
+        self.resync_progress: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self, force_full: bool, peer_generation: int) -> None:
+        """Become primary: bump the generation and start tracking, durably, then connect.
+
+        Call before the file systems are mounted (nothing has changed yet).
+        """
+        self.journal.load()
+        rec = self.record
+        if force_full or rec.data != DataState.UPTODATE:
+            base: int | None = None
+        elif rec.ran_alone and self.journal.active:
+            base = self.journal.base_generation
+        else:
+            base = rec.generation  # in sync at our last stop: the secondary had this generation
+        if not (rec.ran_alone and self.journal.active and not force_full):
+            self.journal.start(base)
+        if force_full:
+            self.journal.force_full()
+        self._set_record(
+            DataRecord(
+                DataState.UPTODATE, max(rec.generation, peer_generation) + 1, ran_alone=True
+            ),
+            "primary: running without an in-sync secondary until it connects",
+        )
+        for target in (self._connect_loop, self._checkpoint_loop, self._flush_loop):
+            t = threading.Thread(target=target, name=target.__name__, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self) -> None:
+        """Stop replicating (after the file systems are unmounted): flush ranges, close."""
+        self._stop.set()
+        link = self.link
+        if link is not None:
+            link.close("primary role ended")
+        for t in self._threads:
+            t.join(timeout=10)
+        if self.journal.active:
+            self.journal.flush_ranges()
+
+    # ------------------------------------------------------------------ file-system API
+    def excluded(self, root: int, path: bytes) -> bool:
+        return path != b"." and self.exclusions[root].excluded(path)
+
+    def change(
+        self,
+        root: int,
+        req: p.Request,
+        *,
+        rng: tuple[int, int] | None = None,
+        tree: bool = False,
+        also: bytes | None = None,
+    ) -> Ticket | None:
+        """Send or record one change (caller holds :attr:`order`; see module docstring).
+
+        ``rng`` is the byte range written; ``tree`` marks a whole subtree (directory created,
+        renamed or removed); ``also`` is a second path touched (rename, link).
+        """
+        keys: tuple[Key, ...] = (
+            ((root, req.path),)
+            if also is None
+            else (
+                (root, req.path),
+                (root, also),
+            )
+        )
+        if all(self.excluded(root, k[1]) for k in keys):
+            return None
+        link = self.link
+        if (
+            self.mode == Mode.ALONE
+            or link is None
+            or (self.mode == Mode.RESYNC and any(self.journal.contains(*k) for k in keys))
+        ):
+            self._track(keys, rng, tree)
+            return None
+        try:
+            pending = link.submit(replace(req, root=root))
+        except ReplicaLost as exc:
+            self._degrade_locked(str(exc))
+            self._track(keys, rng, tree)
+            return None
+        self._recent[-1][1].update(keys)
+        return Ticket(pending, link, keys, f"{req.op.name} {req.path!r}")
+
+    def finish(self, ticket: Ticket | None) -> None:
+        """Wait for the secondary; on failure, record the change and run alone (durably)."""
+        if ticket is None:
+            return
+        try:
+            reply = ticket.pending.wait()
+        except ReplicaLost as exc:
+            with self.order:
+                if self.link is ticket.link:
+                    self._degrade_locked(str(exc))
+                self._track(ticket.keys, None, False)
+            return
+        if reply.err:
+            why = f"secondary could not apply {ticket.what}: {reply.message}"
+            with self.order:
+                mine = self.link is ticket.link
+                if mine:
+                    self._degrade_locked(why)
+                self._track(ticket.keys, None, False)
+            if mine:
+                ticket.link.close(why)  # outside the order lock: closing calls back into us
+
+    # ------------------------------------------------------------------ internals
+    def _track(self, keys: tuple[Key, ...], rng: tuple[int, int] | None, tree: bool) -> None:
+        for root, path in keys:
+            if self.excluded(root, path):
+                continue
+            if tree:
+                self.journal.mark_tree(root, path)
+            elif rng is not None:
+                self.journal.mark(root, path, rng[0], rng[1])
+            else:
+                self.journal.mark(root, path)
+
+    def _degrade_locked(self, reason: str) -> None:
+        """Lose the secondary (caller holds :attr:`order`): track from now on, durably."""
+        if self.mode == Mode.ALONE:
+            return
+        was_sync = self.mode == Mode.SYNC
+        self.mode = Mode.ALONE
+        self.link = None
+        if was_sync:  # in RESYNC, the journal is active already
+            self.journal.start(self.record.generation)
+        else:
+            self.journal.requeue_taken()  # what the resync took out is not done
+        for _, keys in self._recent:
+            for root, path in keys:
+                self.journal.mark(root, path)
+        self._recent = [(0, set())]
+        gen = self.record.generation + (1 if was_sync else 0)
+        self._set_record(
+            DataRecord(DataState.UPTODATE, gen, ran_alone=True), f"secondary lost: {reason}"
+        )
+        log.warning("secondary lost (%s): running alone, tracking changes", reason)
+
+    def _set_record(self, rec: DataRecord, detail: str) -> None:
+        records.save(self.s.record_file, rec)
+        self.record = rec
+        self.detail = detail
+        self.report()
+
+    def report(self) -> None:
+        self.emit(
+            {
+                "ev": "record",
+                "data": str(self.record.data),
+                "generation": self.record.generation,
+                "ran_alone": self.record.ran_alone,
+                "in_sync": self.mode == Mode.SYNC,
+                "mode": str(self.mode),
+                "detail": self.detail,
+                "progress": self.resync_progress,
+            }
+        )
+
+    def _on_broken(self, link: Link, reason: str) -> None:
+        if self._stop.is_set():
+            return  # our own close at the end of the primary role: nothing was lost
+        with self.order:
+            if self.link is link:
+                self._degrade_locked(reason)
+
+    # ------------------------------------------------------------------ threads
+    def _connect_loop(self) -> None:
+        from hakit.repl.resync import Resync, ResyncError  # noqa: PLC0415  (import cycle)
+
+        failures = 0
+        while not self._stop.is_set():
+            if self.mode != Mode.ALONE:
+                self._stop.wait(0.2)
+                continue
+            try:
+                link, peer = self._connect()
+            except (OSError, ssl.SSLError, ReplicaLost, p.ProtocolError, ValueError) as exc:
+                self.detail = f"secondary {self.s.peer_host}:{self.s.port} unreachable: {exc}"
+                self._stop.wait(self.s.retry_interval)
+                continue
+            full = (
+                self.journal.full
+                or self.peer_unclean
+                or peer.data == DataState.UNKNOWN
+                or peer.generation != self.journal.base_generation
+            )
+            log.info(
+                "secondary connected (its data: %s, generation %d): %s resync",
+                peer.data,
+                peer.generation,
+                "full" if full else "incremental",
+            )
+            try:
+                Resync(self, link, full).run()
+                failures = 0
+            except (ReplicaLost, OSError, ResyncError, p.ProtocolError) as exc:
+                failures += 1
+                why = f"resync interrupted: {exc}"
+                log.warning("%s (attempt %d)", why, failures)
+                with self.order:
+                    if self.link is link:
+                        self._degrade_locked(why)
+                link.close(why)
+                # back off on repeated failures (e.g. the secondary's disk is full)
+                self._stop.wait(min(30.0, self.s.retry_interval * 2 ** min(failures - 1, 5)))
+
+    def _connect(self) -> tuple[Link, DataRecord]:
+        sock = connect(
+            self.s.peer_host,
+            self.s.port,
+            self.s.context,
+            connect_timeout=min(2.0, self.s.timeout),
+            server_name=SERVER_NAME,
+        )
+        holder: list[Link] = []
+        link = Link(sock, self.s.timeout, lambda why: self._on_broken(holder[0], why))
+        holder.append(link)
+        hello = {
+            "proto": p.PROTOCOL_VERSION,
+            "module": self.s.module,
+            "node": self.s.node,
+            "generation": self.record.generation,
+            "roots": len(self.roots),
+        }
+        reply = link.call(p.Request(p.Op.HELLO, data=p.encode_json(hello)))
+        if reply.err:
+            link.close("refused")
+            raise ValueError(f"secondary refused: {reply.message}")
+        obj = p.decode_json(reply.data)
+        peer = DataRecord(
+            DataState(obj["data"]), int(obj["generation"]), bool(obj.get("ran_alone", False))
+        )
+        self.peer_record = peer
+        # the secondary was a primary that crashed: it may hold changes nobody tracked
+        self.peer_unclean = bool(obj.get("unclean", False))
+        return link, peer
+
+    def _checkpoint_loop(self) -> None:
+        """Every few seconds, have the secondary flush (SYNCFS): older changes are durable."""
+        while not self._stop.wait(self.s.checkpoint_interval):
+            with self.order:
+                link = self.link
+                if link is None or self.mode != Mode.SYNC:
+                    continue
+                try:
+                    pending = link.submit(p.Request(p.Op.SYNCFS))
+                except ReplicaLost:
+                    continue
+                self._recent.append((pending.seq, set()))
+            try:
+                pending.wait()
+            except ReplicaLost:
+                continue
+            with self.order:
+                # everything sent before the checkpoint is durable on the secondary
+                self._recent = [(s, k) for s, k in self._recent if s >= pending.seq]
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(1.0):
+            if self.journal.active:
+                self.journal.flush_ranges()
+            self.report_progress_if_due()
+
+    def report_progress_if_due(self) -> None:
+        if self.mode == Mode.RESYNC:
+            self.report()
+
+    def mark_in_sync(self, link: Link) -> None:
+        """The secondary acknowledged the end of the resync: clear ``ran_alone``, go SYNC."""
+        with self.order:
+            if self.link is not link or self.mode != Mode.RESYNC:
+                return
+            self.mode = Mode.SYNC
+            self.journal.discard()
+            self.resync_progress = {}
+            self._set_record(
+                replace(self.record, ran_alone=False),
+                f"in sync with the secondary at generation {self.record.generation}",
+            )
+        log.info("secondary in sync (generation %d)", self.record.generation)
+
+    def now(self) -> float:
+        return time.monotonic()

@@ -1,0 +1,319 @@
+"""The replicator process of one mirror module (``hakit replicator``), driven by the agent.
+
+The agent starts it and talks to it over its stdin/stdout, one JSON object per line:
+
+- agent → replicator: ``{"cmd": "role", "id": N, "role": "primary"|"secondary"|"idle",
+  "force_full": bool, "peer_generation": int, "outdated": bool}``, ``{"cmd": "ping", "id": N}``;
+- replicator → agent: ``{"ev": "done", "id": N, "ok": bool, "error": str}`` when a role
+  change is complete (file systems mounted, listener up, or everything released),
+  ``{"ev": "pong", "id": N}``, ``{"ev": "record", …}`` (data record, mode, progress).
+
+Logs go to stderr (the agent appends them to the module log). Role changes run one at a time
+in a worker thread; pings are answered by the reader, so a slow unmount does not look like a
+hang. When stdin closes (the agent died), the replicator releases everything — unmounts, so
+the application loses its files rather than writing unreplicated, and stops listening — then
+exits: without an agent, the node must not serve.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import queue
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from hakit import config as cfg
+from hakit.core.freshness import DataRecord, DataState
+from hakit.repl import mounts, tls
+from hakit.repl import record as records
+from hakit.repl.applier import Applier
+from hakit.repl.primary import PrimaryReplicator, PrimarySettings
+from hakit.repl.server import ReplicaServer
+from hakit.repl.tracker import DirtyJournal
+from hakit.repl.tree import Exclusions
+
+log = logging.getLogger("hakit.repl")
+
+
+class Replicator:
+    """Role changes for one module on this node (see module docstring)."""
+
+    def __init__(self, config: cfg.Config, module: str, node: str) -> None:
+        self.config = config
+        self.module = config.modules[module]
+        self.node = node
+        self.peer = next(n for n in self.module.nodes if n != node)
+        self.paths = [str(r.path) for r in self.module.config.replicate]
+        self.exclusions = [Exclusions(r.exclude) for r in self.module.config.replicate]
+        state_dir = config.cluster.state_dir
+        self.record_file = records.record_path(state_dir, module)
+        self.journal_dir = state_dir / f"{module}.dirty"
+        # present while this node is primary: found at start, the last primary role crashed
+        self.unclean_marker = state_dir / f"{module}.primary-active"
+        rc = self.module.config.replication
+        net = rc.network or config.cluster.networks[0]
+        self.network = net
+        self.my_address = config.cluster.nodes[node].addresses[net]
+        self.peer_address = config.cluster.nodes[self.peer].addresses[net]
+        plaintext = net in config.cluster.plaintext_networks
+        if plaintext:
+            self.server_ctx = self.client_ctx = None
+            log.warning("replication on network %s is NOT encrypted (plaintext_networks)", net)
+        else:
+            self.server_ctx, self.client_ctx = tls.contexts(config.key(), config.cluster.run_dir)
+        self.role = "idle"
+        self.fds: list[int] = []
+        self.primary: PrimaryReplicator | None = None
+        self.server: ReplicaServer | None = None
+        self.applier: Applier | None = None
+        self.mount_threads: list[threading.Thread] = []
+        self._out = threading.Lock()
+
+    # ------------------------------------------------------------------ output
+    def emit(self, obj: dict[str, Any]) -> None:
+        line = json.dumps(obj, separators=(",", ":"))
+        with self._out:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    def emit_record(self, rec: DataRecord, detail: str, mode: str = "") -> None:
+        self.emit(
+            {
+                "ev": "record",
+                "data": str(rec.data),
+                "generation": rec.generation,
+                "ran_alone": rec.ran_alone,
+                "in_sync": False,
+                "mode": mode or self.role,
+                "detail": detail,
+                "progress": {},
+            }
+        )
+
+    # ------------------------------------------------------------------ roles
+    def set_role(
+        self, role: str, force_full: bool, peer_generation: int, outdated: bool = False
+    ) -> None:
+        if outdated:
+            # this node ran alone and yielded to a peer whose copy is kept: its own changes
+            # are to be discarded by the next resync, it must never lead with them
+            old = records.load(self.record_file)
+            records.save(self.record_file, DataRecord(DataState.OUTDATED, old.generation, False))
+            self.emit_record(records.load(self.record_file), "marked outdated (yielded)")
+        if role == self.role and not force_full:
+            return
+        self._release()
+        if role == "primary":
+            self._become_primary(force_full, peer_generation)
+        elif role == "secondary":
+            self._become_secondary()
+        self.role = role
+
+    def _open_roots(self) -> None:
+        for path in self.paths:
+            mounts.release_stale(path)
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
+
+    def _become_primary(self, force_full: bool, peer_generation: int) -> None:
+        from hakit.repl.fusefs import mount  # noqa: PLC0415  (loads libfuse only when needed)
+
+        self._open_roots()
+        rc = self.module.config.replication
+        settings = PrimarySettings(
+            module=self.module.name,
+            node=self.node,
+            peer_host=self.peer_address,
+            port=rc.port,
+            timeout=rc.timeout,
+            context=self.client_ctx,
+            record_file=self.record_file,
+            streams=rc.streams,
+            block_size=rc.block_size,
+            bandwidth=rc.bandwidth * 1e6 if rc.bandwidth else None,
+        )
+        journal = DirtyJournal(self.journal_dir)
+        prim = PrimaryReplicator(
+            settings, self.fds, self.exclusions, journal, records.load(self.record_file), self.emit
+        )
+        if self.unclean_marker.exists():
+            # the last primary role here ended in a crash: changes made just before it may
+            # be missing from the journal, so compare everything with the secondary
+            log.warning("the previous primary role on this node crashed: full compare resync")
+            force_full = True
+        prim.start(force_full, peer_generation)  # generation bumped durably before mounting
+        _durable_touch(self.unclean_marker)
+        self.primary = prim
+        for i, path in enumerate(self.paths):
+            fsname = f"hakit-{self.module.name}-{i}"
+            t = threading.Thread(
+                target=mount, args=(prim, i, path, fsname), name=f"fuse-{i}", daemon=True
+            )
+            t.start()
+            self.mount_threads.append(t)
+            mounts.wait_mounted(path, fsname, timeout=10.0)
+        log.info(
+            "primary: %d director%s mounted",
+            len(self.paths),
+            "y" if len(self.paths) == 1 else "ies",
+        )
+
+    def _become_secondary(self) -> None:
+        self._open_roots()
+        for path in self.paths:
+            mounts.bind_read_only(path)
+        self.applier = Applier(self.fds, durable=self.module.config.replication.ack == "durable")
+        self.server = ReplicaServer(
+            [self.my_address],
+            self.module.config.replication.port,
+            self.server_ctx,
+            self.applier,
+            _SecondaryHandlers(self),
+        )
+        self.server.start()
+        rec = records.load(self.record_file)
+        self.emit_record(rec, "secondary: waiting for the primary", "secondary")
+        log.info("secondary: listening on %s:%d", self.my_address, self.server.port)
+
+    def _release(self) -> None:
+        """Back to idle: unmount (aborting if busy), stop listening, close descriptors."""
+        if self.primary is not None:
+            for path in self.paths:
+                mounts.unmount_fuse(path)
+            for t in self.mount_threads:
+                t.join(timeout=10)
+            self.mount_threads = []
+            self.primary.stop()
+            self.primary = None
+            self.unclean_marker.unlink(missing_ok=True)  # every mount is gone: a clean end
+        if self.server is not None:
+            self.server.stop()
+            self.server = None
+        if self.applier is not None:
+            self.applier.close()
+            self.applier = None
+            for path in self.paths:
+                mounts.unbind(path)
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+        self.role = "idle"
+
+
+class _SecondaryHandlers:
+    """What the secondary's server asks of the replicator: hello and the data record."""
+
+    def __init__(self, rep: Replicator) -> None:
+        self.rep = rep
+
+    def hello(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if obj.get("module") != self.rep.module.name:
+            raise ValueError(f"module {obj.get('module')!r} is not {self.rep.module.name!r}")
+        if obj.get("node") != self.rep.peer:
+            raise ValueError(f"node {obj.get('node')!r} is not the peer {self.rep.peer!r}")
+        if obj.get("roots") != len(self.rep.paths):
+            raise ValueError(
+                f"the primary replicates {obj.get('roots')} directories, this node "
+                f"{len(self.rep.paths)}: make [[replicate]] the same on both nodes"
+            )
+        rec = records.load(self.rep.record_file)
+        return {
+            "node": self.rep.node,
+            "data": str(rec.data),
+            "generation": rec.generation,
+            "ran_alone": rec.ran_alone,
+            "unclean": self.rep.unclean_marker.exists(),
+        }
+
+    def begin_resync(self, generation: int, full: bool) -> None:
+        old = records.load(self.rep.record_file)
+        rec = DataRecord(DataState.RESYNCING, old.generation, ran_alone=False)
+        records.save(self.rep.record_file, rec)
+        kind = "full" if full else "incremental"
+        self.rep.emit_record(rec, f"{kind} resync from {self.rep.peer} started", "secondary")
+        log.info("%s resync from %s to generation %d started", kind, self.rep.peer, generation)
+
+    def end_resync(self, generation: int) -> None:
+        rec = DataRecord(DataState.UPTODATE, generation, ran_alone=False)
+        records.save(self.rep.record_file, rec)
+        self.rep.unclean_marker.unlink(missing_ok=True)  # fully compared with the primary
+        self.rep.emit_record(rec, f"up to date with {self.rep.peer}", "secondary")
+        log.info("resync done: up to date at generation %d", generation)
+
+    def event(self, kind: str, detail: str) -> None:
+        log.info("replication connection: %s %s", kind, detail)
+        if kind in ("disconnected", "error"):
+            rec = records.load(self.rep.record_file)
+            self.rep.emit_record(rec, f"primary {kind}: {detail}", "secondary")
+
+
+def _durable_touch(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hakit replicator", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", "-c", type=Path, default=cfg.DEFAULT_CLUSTER_FILE)
+    ap.add_argument("--module", "-m", required=True)
+    ap.add_argument("--node", required=True)
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=logging.INFO,
+        format="%(asctime)s replicator[%(process)d] %(levelname)s %(message)s",
+    )
+    os.umask(0)  # modes come from the application (primary) or the wire (secondary), exactly
+    os.environ.setdefault("FUSE_LIBRARY_NAME", "fuse3")
+    rep = Replicator(cfg.load(args.config), args.module, args.node)
+    work: queue.Queue[dict[str, Any] | None] = queue.Queue()
+
+    def worker() -> None:
+        while (cmd := work.get()) is not None:
+            try:
+                rep.set_role(
+                    str(cmd["role"]),
+                    bool(cmd.get("force_full", False)),
+                    int(cmd.get("peer_generation", 0)),
+                    bool(cmd.get("outdated", False)),
+                )
+                rep.emit({"ev": "done", "id": cmd.get("id"), "ok": True, "error": ""})
+            except Exception as exc:  # report every failure to the agent, keep serving
+                log.exception("role %s failed", cmd.get("role"))
+                rep.emit({"ev": "done", "id": cmd.get("id"), "ok": False, "error": str(exc)})
+
+    t = threading.Thread(target=worker, name="roles", daemon=True)
+    t.start()
+    for line in sys.stdin:
+        try:
+            cmd = json.loads(line)
+        except ValueError:
+            log.error("bad control line from the agent: %r", line[:200])
+            continue
+        if cmd.get("cmd") == "ping":
+            rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
+        elif cmd.get("cmd") == "role":
+            work.put(cmd)
+    log.info("agent gone (stdin closed): releasing everything")
+    work.put(None)
+    t.join(timeout=30)
+    rep._release()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

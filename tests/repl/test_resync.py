@@ -1,0 +1,167 @@
+"""Losing the secondary, running alone, and reintegration, on real mounts and processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+from .conftest import Pair, assert_same_tree
+from .pair import DIRS
+
+
+def _record(rep: object) -> dict[str, object]:
+    return rep.last_record()  # type: ignore[attr-defined, no-any-return]
+
+
+def _fill(top: Path, files: int, size: int = 4096) -> None:
+    for i in range(files):
+        sub = top / f"d{i % 10}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i:05d}").write_bytes(os.urandom(size))
+
+
+def _same(pair: Pair) -> None:
+    for d in DIRS:
+        assert_same_tree(pair.a.data(d), pair.b.data(d))
+
+
+def test_secondary_killed_then_incremental_resync(pair: Pair) -> None:
+    pair.start()
+    _fill(pair.a.data(), 300)
+    gen_before = _record(pair.a)["generation"]
+    mark = pair.a.mark()
+    pair.b.kill()
+    # the next change notices the loss (connection reset) and returns without the secondary
+    t0 = time.monotonic()
+    (pair.a.data() / "while alone.txt").write_text("written while the secondary was down")
+    assert time.monotonic() - t0 < 5
+    rec = pair.a.wait_alone(since=mark)
+    assert rec["ran_alone"] and rec["generation"] == gen_before + 1
+    for i in range(0, 300, 30):  # change 10 files, delete 5, add a tree
+        f = pair.a.data() / f"d{i % 10}" / f"f{i:05d}"
+        with f.open("r+b") as fh:
+            fh.seek(1000)
+            fh.write(b"changed")
+    for i in range(1, 300, 60):
+        (pair.a.data() / f"d{i % 10}" / f"f{i:05d}").unlink()
+    (pair.a.data() / "new" / "deeper").mkdir(parents=True)
+    (pair.a.data() / "new" / "deeper" / "x").write_bytes(b"x" * 10000)
+    (pair.a.data("two") / "other").write_text("second directory")
+    mark = pair.a.mark()
+    b = pair.restart("b")
+    b.role("secondary")
+    done = pair.a.wait_in_sync(since=mark)
+    assert not done["ran_alone"]
+    log = (pair.root / "a.log").read_text()
+    assert "incremental resync" in log, log[-2000:]
+    _same(pair)
+    assert b.last_record()["data"] == "up to date"
+
+
+def test_reintegration_while_the_application_writes(pair: Pair) -> None:
+    pair.start()
+    _fill(pair.a.data(), 200, size=64 << 10)
+    mark = pair.a.mark()
+    pair.b.kill()
+    (pair.a.data() / "mark").write_text("alone")  # notice the loss
+    pair.a.wait_alone(since=mark)
+    for i in range(200):
+        f = pair.a.data() / f"d{i % 10}" / f"f{i:05d}"
+        with f.open("r+b") as fh:
+            fh.write(os.urandom(32 << 10))
+    stop = threading.Event()
+    written: list[int] = []
+
+    def writer() -> None:
+        n = 0
+        while not stop.is_set():
+            k = (n * 7) % 200
+            f = pair.a.data() / f"d{k % 10}" / f"f{k:05d}"
+            with f.open("r+b") as fh:
+                fh.seek((n * 4096) % (60 << 10))
+                fh.write(n.to_bytes(8, "big") * 512)
+            with (pair.a.data() / "journal.log").open("ab") as log:
+                log.write(f"{n}\n".encode())
+            n += 1
+        written.append(n)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        mark = pair.a.mark()
+        b = pair.restart("b")
+        b.role("secondary")
+        pair.a.wait_in_sync(timeout=120, since=mark)
+        time.sleep(0.5)  # keep writing once in sync
+    finally:
+        stop.set()
+        t.join()
+    assert written and written[0] > 10
+    _same(pair)
+    lines = (pair.b.data() / "journal.log").read_text().split()
+    assert lines == [str(i) for i in range(written[0])]
+
+
+def test_full_resync_sends_only_what_differs(pair: Pair) -> None:
+    # both sides hold data before the first sync: 100 equal files, 5 different, 5 extra
+    for rep in (pair.a, pair.b):
+        (rep.data() / "same").mkdir()
+        for i in range(100):
+            path = rep.data() / "same" / f"{i}"
+            path.write_bytes(bytes([i]) * 50_000)
+            os.utime(path, ns=(1_000_000_000, 1_000_000_000))
+    for i in range(5):
+        (pair.a.data() / "same" / f"{i}").write_bytes(b"primary" * 1000)
+        (pair.b.data() / f"extra{i}").write_text("only on the secondary")
+    big = pair.a.data() / "big"
+    big.write_bytes(os.urandom(4 << 20))
+    (pair.b.data() / "big").write_bytes(big.read_bytes()[: 3 << 20] + os.urandom(1 << 20))
+    pair.start()
+    _same(pair)
+    log = (pair.root / "a.log").read_text()
+    assert "full resync" in log
+
+
+def test_primary_replicator_killed_is_recovered_with_a_full_compare(pair: Pair) -> None:
+    pair.start()
+    _fill(pair.a.data(), 50)
+    pair.a.kill()
+    try:
+        os.listdir(pair.a.data())
+        alive = True
+    except OSError:
+        alive = False
+    assert not alive, "the mount must not serve without its replicator"
+    a = pair.restart("a")
+    a.role("primary")
+    a.wait_in_sync()
+    assert "full compare resync" in (pair.root / "a.log").read_text()
+    (a.data() / "after").write_text("written after the restart")
+    _same(pair)
+
+
+def test_secondary_disk_full_primary_keeps_serving(pair: Pair) -> None:
+    small = pair.b.data("two")
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "hk-test-full", str(small)], check=True
+    )
+    try:
+        pair.start()
+        mark = pair.a.mark()
+        payload = os.urandom(4 << 20)
+        (pair.a.data("two") / "big").write_bytes(payload)  # does not fit on the secondary
+        assert (pair.a.data("two") / "big").read_bytes() == payload
+        rec = pair.a.wait_alone(since=mark)
+        assert "No space left" in str(rec["detail"]) or "ENOSPC" in str(rec["detail"]), rec
+        (pair.a.data() / "still serving").write_text("yes")
+        # the operator frees space: the primary's retry succeeds and the copies converge
+        mark = pair.a.mark()
+        (pair.a.data("two") / "big").unlink()
+        pair.a.wait_in_sync(timeout=120, since=mark)
+        _same(pair)
+    finally:
+        pair.close()
+        subprocess.run(["umount", "-l", str(small)], check=False)
