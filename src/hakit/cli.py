@@ -85,8 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
             c.add_argument(
                 "--force",
                 action="store_true",
-                help="confirm starting as primary on data that cannot be proven up to date",
+                help="start as primary on data that cannot be proven up to date: changes "
+                "the peer made alone are lost, the peer is fully resynchronised from this node "
+                "(asks for confirmation)",
             )
+            c.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
+    for name, what in (
+        ("verify", "compare both copies block by block and report differences (on the primary)"),
+        ("diff", "estimate what a resync would send: differing files and bytes (on the primary)"),
+    ):
+        v = sub.add_parser(name, help=what)
+        v.add_argument("-m", "--module", required=True)
+        v.add_argument("--json", action="store_true")
 
     lg = sub.add_parser("log", help="the module's log on this node")
     lg.add_argument("-m", "--module", required=True)
@@ -140,6 +151,8 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _state(args, console)
     if args.command in VERBS:
         return _verb(args, console)
+    if args.command in ("verify", "diff"):
+        return _compare(args, console)
     if args.command == "log":
         sys.stdout.write(client_for(args).log(args.module, args.lines))
         return 0
@@ -200,7 +213,7 @@ def _state(args: argparse.Namespace, console: Console) -> int:
 def state_table(node: str, modules: dict[str, Any], peers: dict[str, Any]) -> Table:
     """The coloured state table of one node (used by `hakit state` and the lab)."""
     table = Table(title=f"node {node}", title_justify="left", expand=False)
-    for col in ("module", "state", "since", "peer", "reason"):
+    for col in ("module", "state", "since", "peer", "data", "reason"):
         table.add_column(col, overflow="fold")
     for name, m in sorted(modules.items()):
         peer = m.get("peer") or ""
@@ -208,13 +221,72 @@ def state_table(node: str, modules: dict[str, Any], peers: dict[str, Any]) -> Ta
         peer_text = f"{peer} {m.get('peer_state') or ('lost' if alive is False else '?')}"
         since = time.strftime("%H:%M:%S", time.localtime(m["since"])) if m.get("since") else ""
         table.add_row(
-            name, f"[{m['colour']}]{m['state']}[/]", since, peer_text, m.get("reason", "")
+            name,
+            f"[{m['colour']}]{m['state']}[/]",
+            since,
+            peer_text,
+            data_text(m.get("replication")),
+            m.get("reason", ""),
         )
     return table
 
 
+def data_text(repl: dict[str, Any] | None) -> str:
+    """``up to date g7 in sync`` / ``resync 45 % ETA 12 s`` for the state table."""
+    if not repl:
+        return "-"
+    text = f"{repl['data']} g{repl['generation']}"
+    progress = repl.get("resync") or {}
+    if repl.get("mode") == "resync" and "percent" in progress:
+        text += f", resync {progress['percent']:.0f} % ({progress['bytes_sent'] / 1e6:.0f} MB"
+        text += f", ETA {progress['eta_s']:.0f} s)"
+    elif repl.get("in_sync"):
+        text += ", in sync"
+    elif repl.get("mode") == "alone":
+        text += ", tracking changes"
+    return text
+
+
+def _compare(args: argparse.Namespace, console: Console) -> int:
+    """verify / diff: exit 0 when the copies are the same, 1 when they differ."""
+    try:
+        report = client_for(args).compare(args.module, checksums=args.command == "verify")
+    except CommandRefusedByAgent as exc:
+        Console(stderr=True).print(f"[red]refused:[/red] {exc}")
+        return EXIT_ERROR
+    if args.json:
+        console.print_json(data=report)
+    else:
+        console.print(
+            f"{args.module}: {report['checked_paths']} paths compared"
+            + (
+                f", {report['checked_bytes'] / 1e6:.1f} MB checksummed"
+                if report["checksums"]
+                else ""
+            )
+            + f" in {report['seconds']} s: [bold]{report['differences']}[/] difference(s), "
+            f"{report['bytes_to_send'] / 1e6:.1f} MB a full resync would send"
+            + (
+                f"; journal holds {report['journal_paths']} path(s)"
+                if report["journal_paths"]
+                else ""
+            )
+        )
+        for line in report["examples"]:
+            console.print(f"  {line}")
+    return 0 if report["differences"] == 0 else 1
+
+
 def _verb(args: argparse.Namespace, console: Console) -> int:
     force = bool(getattr(args, "force", False))
+    if force and not args.yes:
+        console.print(
+            f"[bold red]prim --force[/]: {args.module} becomes primary on this node's data even "
+            "if the peer has newer changes; those are lost and the peer is fully resynced."
+        )
+        if input("Type 'yes' to go on: ").strip() != "yes":
+            console.print("nothing done")
+            return EXIT_ERROR
     try:
         answer = client_for(args).command(args.module, args.command, force=force)
     except CommandRefusedByAgent as exc:

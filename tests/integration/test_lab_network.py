@@ -199,7 +199,7 @@ def test_demo_app_in_a_node_answers_the_prober_from_the_client(lab: Lab) -> None
         )
         answer = lab.run_in(CLIENT, [sys.executable, "-c", post], check=True)
         assert answer.stdout.strip() == "n1"
-        records = lab.data_dir("n1", module.name) / "records.log"
+        records = lab.data_dir("n1", module.name) / "replicated" / "records.log"
         assert records.read_text() == "rec-1\n"
     finally:
         stopped = lab.run_in("n1", [str(scripts / "stop_prim")], timeout=10)

@@ -225,7 +225,7 @@ class Agent:
                 "silent_for": None if not p.last_heard else round(p.silent_for(now), 2),
                 "networks_up": p.networks_up(now, self.tracker.timeout),
             }
-        modules = {}
+        modules: dict[str, dict[str, Any]] = {}
         for name, r in self.modules.items():
             st = r.published
             peer_status = r.machine.peer
@@ -241,6 +241,18 @@ class Agent:
                 "peer_state": peer_status.state.value if peer_status else None,
                 "vips": [v.address for v in r.module.config.vips],
             }
+            if r.module.replicated:
+                modules[name]["replication"] = {
+                    "data": str(st.data),
+                    "generation": st.generation,
+                    "ran_alone": st.ran_alone,
+                    "in_sync": st.in_sync,
+                    "peer_data": str(peer_status.data) if peer_status else None,
+                    "mode": r.replica_view.get("mode"),
+                    "detail": r.replica_view.get("detail"),
+                    "resync": r.replica_view.get("progress") or {},
+                    "replicator_pid": r.replica.pid if r.replica else None,
+                }
         counters = self.transport.counters.as_dict() if self.transport else {}
         return {
             "node": self.node,

@@ -129,6 +129,13 @@ class ReplicaProcess:
         self.role = role
         return None
 
+    async def compare(self, checksums: bool, timeout: float = 3600.0) -> dict[str, Any]:
+        """Run ``verify`` (with checksums) or ``diff`` in the replicator; its answer."""
+        if self.proc is None or self.proc.returncode is not None:
+            return {"ok": False, "error": "no replicator running on this node"}
+        answer = await self._call(self.proc, {"cmd": "verify" if checksums else "diff"}, timeout)
+        return answer or {"ok": False, "error": "the replicator did not answer"}
+
     async def _call(
         self, proc: asyncio.subprocess.Process, obj: dict[str, Any], timeout: float
     ) -> dict[str, Any] | None:
@@ -156,7 +163,7 @@ class ReplicaProcess:
             ev = msg.get("ev")
             if ev == "pong":
                 self._last_pong = time.monotonic()
-            elif ev == "done":
+            elif ev in ("done", "report"):
                 fut = self._waiting.get(msg.get("id"))
                 if fut is not None and not fut.done():
                     fut.set_result(msg)

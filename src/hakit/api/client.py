@@ -70,6 +70,14 @@ class AgentClient:
             raise CommandRefusedByAgent(answer.get("error", f"agent answered {status}"))
         return answer
 
+    def compare(self, module: str, checksums: bool) -> dict[str, Any]:
+        query = "?checksums=1" if checksums else ""
+        status, data = self.request("GET", f"/modules/{module}/compare{query}")
+        answer: dict[str, Any] = json.loads(data)
+        if status != 200:
+            raise CommandRefusedByAgent(answer.get("error", f"agent answered {status}"))
+        return answer
+
     def log(self, module: str, lines: int) -> str:
         status, data = self.request("GET", f"/modules/{module}/log?lines={lines}")
         if status != 200:

@@ -45,6 +45,7 @@ class ApiServer:
                 web.get("/state", self._state),
                 web.post("/modules/{module}/{verb}", self._command),
                 web.get("/modules/{module}/log", self._log),
+                web.get("/modules/{module}/compare", self._compare),
             ]
         )
         health = web.Application()
@@ -108,6 +109,18 @@ class ApiServer:
         except ValueError:
             return _error(400, "lines must be an integer")
         return web.Response(text=runner.log_tail(max(1, min(lines, 10_000))))
+
+    async def _compare(self, request: web.Request) -> web.Response:
+        """``?checksums=1``: verify (scrub); else diff. Runs in the primary's replicator."""
+        runner = self.agent.modules.get(request.match_info["module"])
+        if runner is None:
+            return _error(404, f"no module {request.match_info['module']!r} on this node")
+        if runner.replica is None:
+            return _error(409, f"module {runner.name} replicates no directory")
+        answer = await runner.replica.compare(request.query.get("checksums") == "1")
+        if not answer.get("ok"):
+            return _error(409, f"cannot compare: {answer.get('error')} (run it on the primary)")
+        return web.json_response(answer["report"])
 
     async def _ready(self, request: web.Request) -> web.Response:
         runner = self.agent.modules.get(request.match_info["module"])

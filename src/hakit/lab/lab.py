@@ -67,6 +67,7 @@ MAX_NODES = 39  # node i has host number 10+i, below the client's 50
 MAX_MODULES = 100  # VIPs 192.0.2.100 .. 192.0.2.199
 FIRST_VIP_HOST = 100
 FIRST_APP_PORT = 8080
+FIRST_REPLICATION_PORT = 7420  # module k's secondary listens on 7420 + k
 _DURATION = re.compile(r"^\d+(\.\d+)?(ms|s)$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,30}$")
 _SAFE_PATH = re.compile(r"^/[A-Za-z0-9._/-]*$")
@@ -445,6 +446,7 @@ class Lab:
                     "vip_address": spec.vip_address,
                     "interface": spec.interface,
                     "port": str(spec.port),
+                    "replication_port": str(FIRST_REPLICATION_PORT + spec.port - FIRST_APP_PORT),
                     "preferred": spec.preferred,
                     "data_dir": str(data),
                     "run_dir": str(base / "run"),
@@ -459,6 +461,7 @@ class Lab:
         namespaces, remove the lab root. Idempotent; returns the namespaces deleted."""
         removed = netns.teardown()
         self._reap()
+        detach_mounts_under(self.root)
         if self.state_file.exists() or (self.root.is_dir() and not any(self.root.iterdir())):
             shutil.rmtree(self.root)
         elif self.root.exists():
@@ -679,6 +682,19 @@ class Lab:
             with contextlib.suppress(OSError):
                 records_file.unlink()
         return analyze(records, period)
+
+
+def detach_mounts_under(root: Path) -> list[str]:
+    """Lazily unmount everything mounted below ``root`` (replicated directories' FUSE mounts
+    and read-only binds left by killed nodes), deepest first; returns the mount points."""
+    prefix = str(root).rstrip("/") + "/"
+    with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+        points = [line.split()[4].replace("\\040", " ") for line in f]
+    done = []
+    for mp in sorted({p for p in points if p.startswith(prefix)}, key=len, reverse=True):
+        while run(["umount", "-l", mp], timeout=10, check=False).ok:
+            done.append(mp)
+    return done
 
 
 def _read_records(lines: Iterable[str]) -> list[Record]:

@@ -115,6 +115,23 @@ class Replicator:
             self._become_secondary()
         self.role = role
 
+    def compare(self, cmd: dict[str, Any]) -> None:
+        """``verify``/``diff`` (see :mod:`hakit.repl.verify`); answers ``{"ev": "report"}``."""
+        from hakit.repl.verify import compare  # noqa: PLC0415
+
+        prim = self.primary
+        link = prim.link if prim is not None else None
+        if prim is None or link is None:
+            why = "not primary" if prim is None else "no secondary connected"
+            self.emit({"ev": "report", "id": cmd.get("id"), "ok": False, "error": why})
+            return
+        try:
+            report = compare(prim, link, checksums=cmd.get("cmd") == "verify")
+        except Exception as exc:  # the link broke, a file vanished…: say so
+            self.emit({"ev": "report", "id": cmd.get("id"), "ok": False, "error": str(exc)})
+            return
+        self.emit({"ev": "report", "id": cmd.get("id"), "ok": True, "report": report})
+
     def _open_roots(self) -> None:
         for path in self.paths:
             mounts.release_stale(path)
@@ -304,7 +321,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             log.error("bad control line from the agent: %r", line[:200])
             continue
-        if cmd.get("cmd") == "ping":
+        if cmd.get("cmd") in ("verify", "diff"):
+            threading.Thread(target=rep.compare, args=(cmd,), daemon=True).start()
+        elif cmd.get("cmd") == "ping":
             rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
         elif cmd.get("cmd") == "role":
             work.put(cmd)
