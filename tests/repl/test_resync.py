@@ -165,3 +165,37 @@ def test_secondary_disk_full_primary_keeps_serving(pair: Pair) -> None:
     finally:
         pair.close()
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def _compare(rep: object, what: str) -> dict[str, object]:
+    r = rep  # a pair.Replicator
+    r._ids += 1  # type: ignore[attr-defined]
+    ident = r._ids  # type: ignore[attr-defined]
+    r.proc.stdin.write(f'{{"cmd": "{what}", "id": {ident}}}\n'.encode())  # type: ignore[attr-defined]
+    r.proc.stdin.flush()  # type: ignore[attr-defined]
+    answer = r.wait_for(lambda e: e.get("ev") == "report" and e.get("id") == ident)  # type: ignore[attr-defined]
+    assert answer["ok"], answer
+    return answer["report"]  # type: ignore[no-any-return]
+
+
+def test_verify_finds_silent_corruption_that_diff_cannot(pair: Pair) -> None:
+    pair.start()
+    _fill(pair.a.data(), 20, size=300_000)
+    assert _compare(pair.a, "verify")["differences"] == 0
+    # corrupt one block of the secondary's copy behind hakit's back, keeping size and mtime
+    victim = pair.b.data() / "d3" / "f00013"
+    before = victim.stat()
+    subprocess.run(["umount", str(pair.b.data())], check=True)  # the read-only bind
+    try:
+        with victim.open("r+b") as f:
+            f.seek(200_000)
+            f.write(b"bit rot")
+        os.utime(victim, ns=(before.st_atime_ns, before.st_mtime_ns))
+    finally:
+        subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(pair.b.data()), str(pair.b.data())], check=True
+        )
+    assert _compare(pair.a, "diff")["differences"] == 0  # size and mtime look the same
+    report = _compare(pair.a, "verify")
+    assert report["differences"] == 1, report
+    assert "d3/f00013" in str(report["examples"]), report
