@@ -114,6 +114,12 @@ def test_hung_start_script_is_killed_at_its_timeout_and_the_peer_takes_over(
     # timeout; its agent keeps answering and heartbeating meanwhile: n2 stays SECOND
     agents.wait_states(lab, MODULE, {"n1": "STARTING_PRIM", "n2": "SECOND"}, timeout=10)
     assert hung_sleeps("n1"), "the hung script is not running"
+    # n2 may take over only with data in sync with n1's (the replicated demo directory)
+    agents.wait_for(
+        "n2's copy to be in sync",
+        lambda: view(lab, "n2")["modules"][MODULE]["replication"]["data"] == "up to date",
+        timeout=10,
+    )
     during: set[tuple[str, str]] = set()
 
     def hang_over() -> bool:
