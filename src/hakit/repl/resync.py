@@ -33,10 +33,11 @@ import stat
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from hakit.repl import protocol as p
 from hakit.repl.link import Link, Pending, ReplicaLost
+from hakit.repl.tracker import DirtyEntry
 from hakit.repl.tree import block_sums, differing_blocks, scan_dir
 
 if TYPE_CHECKING:
@@ -64,6 +65,8 @@ class Resync:
         self._throttle_at = time.monotonic()
         # directories whose entries the resync changed: their mtimes are set at the end
         self._touched: set[tuple[int, bytes]] = set()
+        # what the secondary has at paths listed with their parent (None: nothing)
+        self._known: dict[tuple[int, bytes], p.StatRec | None] = {}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
@@ -104,8 +107,14 @@ class Resync:
                     if e.path == b"." or not journal.contains(e.root, p.parent_of(e.path))
                 ]
                 ready.sort(key=lambda e: (e.path.count(b"/"), e.root, e.path))
-                for fut in [pool.submit(self._sync_entry, e.root, e.path) for e in ready]:
-                    fut.result()
+                # entries are queued without waiting for their replies (pipelined); the
+                # round waits for all of them before the next snapshot
+                futures = [pool.submit(self._sync_entry, e) for e in ready]
+                pendings = [pend for fut in futures for pend in fut.result()]
+                for pend in pendings:
+                    self._check(pend.wait(), "resync")
+                with self._count_lock:
+                    self.paths_done += len(ready)
                 self._progress()
         self._check(end.wait(), "end resync")
         with prim.order:
@@ -134,15 +143,24 @@ class Resync:
             self._touched.add((root, p.parent_of(path)))
 
     # ------------------------------------------------------------------ one entry
-    def _sync_entry(self, root: int, path: bytes) -> None:
-        prim, link = self.prim, self.link
-        remote = self._remote_stat(root, path)
+    def _sync_entry(self, seen: DirtyEntry) -> list[Pending]:
+        """Queue what brings one path up to date; returns the requests to wait for."""
+        prim, root, path = self.prim, seen.root, seen.path
+        with self._count_lock:
+            known = self._known.pop((root, path), _UNKNOWN)
+        if known is not _UNKNOWN:
+            remote = known  # listed with its parent; a path in the journal did not change since
+        elif seen.ranges is not None and not seen.tree:
+            # only written while tracked: it existed at the base, so the secondary has it
+            remote = _SOME_FILE
+        else:
+            remote = self._remote_stat(root, path)
         sends: list[Pending] = []
         content: list[tuple[int, int]] | None = []
         with prim.order:
             entry = prim.journal.take(root, path)
             if entry is None:
-                return
+                return []
             local = _lstat(prim.roots[root], path)
             keys = {(root, path)}
             if local is None:
@@ -176,11 +194,7 @@ class Resync:
                 now = _lstat(prim.roots[root], path)
                 if now is not None and stat.S_ISREG(now.st_mode):
                     sends.append(self._meta_locked(root, path, now))
-        for pend in sends:
-            self._check(pend.wait(), f"resync of {path!r}")
-        with self._count_lock:
-            self.paths_done += 1
-        del link
+        return sends
 
     def _sync_dir_locked(
         self, root: int, path: bytes, local: os.stat_result, remote: p.StatRec | None, tree: bool
@@ -221,6 +235,8 @@ class Resync:
                 if prim.excluded(root, child):
                     continue
                 other = theirs.get(name)
+                with self._count_lock:
+                    self._known[(root, child)] = other
                 if stat.S_ISDIR(ours.mode):
                     prim.journal.mark_tree(root, child, durable=False)
                 elif other is None or _differs(ours, other):
@@ -375,6 +391,10 @@ class Resync:
         )
         self.prim.report()
 
+
+_UNKNOWN: Any = object()
+# stands for "a regular file" when the secondary's copy is known to be one without asking
+_SOME_FILE = p.StatRec(stat.S_IFREG, 0, 0, 0, 0)
 
 _NAMESPACE = frozenset({p.Op.REMOVE, p.Op.CREATE, p.Op.MKDIR, p.Op.SYMLINK, p.Op.MKNOD})
 
