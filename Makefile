@@ -5,9 +5,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 DEB_PACKAGES := iproute2 nftables fuse3 util-linux procps psmisc curl iputils-ping
-BENCH_PACKAGES := keepalived bc
+BENCH_PACKAGES := keepalived bc fio rsync glusterfs-server glusterfs-client
 
-.PHONY: demo test lint typecheck unit integration deps venv bench-failover clean lab-down
+.PHONY: demo test lint typecheck unit integration deps venv bench-failover bench-replication clean lab-down
 
 demo: deps
 	$(BIN)/hakit lab demo
@@ -53,6 +53,9 @@ bench-deps: deps
 
 bench-failover: bench-deps
 	$(BIN)/python bench/failover.py
+
+bench-replication: bench-deps
+	$(BIN)/python bench/replication.py --reps 3 --plaintext
 
 lab-down: venv
 	$(BIN)/hakit lab down

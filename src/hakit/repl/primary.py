@@ -62,7 +62,7 @@ class PrimarySettings:
     block_size: int = 128 * 1024
     bandwidth: float | None = None  # resync cap, bytes/s
     checkpoint_interval: float = 2.0  # SYNCFS on the secondary this often (crash window)
-    retry_interval: float = 1.0  # reconnection attempts while ALONE
+    retry_interval: float = 0.25  # reconnection attempts while ALONE (refused at once if down)
 
 
 @dataclass
