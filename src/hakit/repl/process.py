@@ -37,6 +37,7 @@ from hakit.repl.primary import PrimaryReplicator, PrimarySettings
 from hakit.repl.server import ReplicaServer
 from hakit.repl.tracker import DirtyJournal
 from hakit.repl.tree import Exclusions
+from hakit.system.durable import write_atomic
 
 log = logging.getLogger("hakit.repl")
 
@@ -165,7 +166,7 @@ class Replicator:
             log.warning("the previous primary role on this node crashed: full compare resync")
             force_full = True
         prim.start(force_full, peer_generation)  # generation bumped durably before mounting
-        _durable_touch(self.unclean_marker)
+        write_atomic(self.unclean_marker, "")
         self.primary = prim
         for i, path in enumerate(self.paths):
             fsname = f"hakit-{self.module.name}-{i}"
@@ -268,19 +269,6 @@ class _SecondaryHandlers:
         if kind in ("disconnected", "error"):
             rec = records.load(self.rep.record_file)
             self.rep.emit_record(rec, f"primary {kind}: {detail}", "secondary")
-
-
-def _durable_touch(path: Path) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def main(argv: list[str] | None = None) -> int:

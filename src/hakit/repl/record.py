@@ -8,10 +8,10 @@ data". A missing file means ``unknown`` (never synchronised).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from hakit.core.freshness import DataRecord, DataState
+from hakit.system.durable import write_atomic
 
 
 def record_path(state_dir: Path, module: str) -> Path:
@@ -48,17 +48,4 @@ def save(path: Path, record: DataRecord) -> None:
         {"data": str(record.data), "generation": record.generation, "ran_alone": record.ran_alone},
         sort_keys=True,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
-    dfd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_atomic(path, text)
