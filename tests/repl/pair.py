@@ -39,7 +39,8 @@ def write_config(
         f"plaintext_networks = {['lo'] if plaintext else []}\n{nodes}",
         encoding="utf-8",
     )
-    replicate = "".join(f'[[replicate]]\npath = "{base / "data" / d}"\n' for d in DIRS)
+    exclude = os.environ.get("HK_PAIR_EXCLUDE", "")  # e.g. 'exclude = ["cache/"]'
+    replicate = "".join(f'[[replicate]]\npath = "{base / "data" / d}"\n{exclude}\n' for d in DIRS)
     (base / "etc" / "modules" / "m" / "module.toml").write_text(
         f'mode = "mirror"\n{replicate}[replication]\nport = {port}\ntimeout = "2s"\n{extra}',
         encoding="utf-8",

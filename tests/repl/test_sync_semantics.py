@@ -228,3 +228,24 @@ def test_sparse_file_beyond_4gib(pair: Pair, offset: int) -> None:
         f.seek(1 << 30)
         assert f.read(4096) == bytes(4096)
     assert st_b.st_mtime_ns == st_a.st_mtime_ns
+
+
+def test_excluded_paths_stay_on_the_primary(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HK_PAIR_EXCLUDE", 'exclude = ["cache/", "*.tmp", "logs/*.log"]')
+    pair = request.getfixturevalue("pair")
+    pair.start()
+    top = pair.a.data()
+    (top / "cache" / "deep").mkdir(parents=True)
+    (top / "cache" / "deep" / "x").write_text("not replicated")
+    (top / "work.tmp").write_text("not replicated")
+    (top / "logs" / "sub").mkdir(parents=True)
+    (top / "logs" / "app.log").write_text("not replicated")
+    (top / "logs" / "sub" / "kept.log").write_text("replicated: * stays in one component")
+    (top / "keep.txt").write_text("replicated")
+    other = pair.b.data()
+    assert (other / "keep.txt").read_text() == "replicated"
+    assert (other / "logs" / "sub" / "kept.log").exists()
+    for gone in ("cache", "work.tmp", "logs/app.log"):
+        assert not (other / gone).exists(), gone
