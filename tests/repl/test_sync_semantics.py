@@ -85,6 +85,18 @@ class FileOps(RuleBasedStateMachine):
         finally:
             os.close(fd)
 
+    @rule(data=st.data(), offset=st.integers(0, 1 << 20), size=st.integers(1, 9000))
+    def write_dsync(self, data: st.DataObject, offset: int, size: int) -> None:
+        path = self._existing(data, "file")
+        if path is None:
+            return
+        fd = os.open(path, os.O_WRONLY | os.O_DSYNC)
+        try:
+            os.pwrite(fd, os.urandom(size), offset)
+            os.pwrite(fd, os.urandom(size), offset + size // 2)
+        finally:
+            os.close(fd)
+
     @rule(data=st.data(), length=st.integers(0, 300_000))
     def truncate(self, data: st.DataObject, length: int) -> None:
         path = self._existing(data, "file")
