@@ -1,11 +1,15 @@
 """The guided tour `make demo` runs: a two-node mirror module fails over and comes back.
 
-Steps: lab up → both nodes started (PRIM + SECOND) → the client probes the VIP every 10 ms
-while the primary's plug is pulled → takeover and the client-measured outage → power back
-on: the node rejoins as SECOND → swap back → lab down (always, also on error or Ctrl-C).
+Steps: lab up → both nodes started (PRIM + SECOND) → the client stores records through the
+VIP (replicated synchronously) → the client probes the VIP every 10 ms while the primary's
+plug is pulled → takeover, the client-measured outage, every acknowledged record present on
+the new primary → power back on: the node rejoins as SECOND, resynced → swap back → lab down
+(always, also on error or Ctrl-C).
 """
 
 from __future__ import annotations
+
+import sys
 
 from rich.console import Console
 from rich.panel import Panel
@@ -51,6 +55,11 @@ def _tour(lab: Lab, console: Console) -> None:
     console.print(
         f"The client asks http://{vip}/ and gets the answer from: [bold]{_who_answers(lab, vip)}[/]"
     )
+    acked = _append(lab, vip, 200)
+    console.print(
+        f"The client stored {acked} records through the VIP (each acknowledged once written to\n"
+        f"records.log on {primary} — which returns only when {secondary} has it too)."
+    )
 
     _step(
         console,
@@ -61,6 +70,11 @@ def _tour(lab: Lab, console: Console) -> None:
     )
     analysis = probe_during(lab, 7.0, lambda: lab.poweroff(primary))
     _report_outage(console, analysis)
+    kept = len(_records(lab, secondary))
+    console.print(
+        f"Acknowledged records on the new primary {secondary}: [bold]{kept}/{acked}[/]"
+        + ("" if kept >= acked else " [red]RECORDS LOST[/]")
+    )
     print_states(lab, console)
 
     _step(
@@ -73,6 +87,12 @@ def _tour(lab: Lab, console: Console) -> None:
     with console.status(f"waiting for {primary} to rejoin…"):
         agents.wait_states(lab, MODULE, {primary: "SECOND", secondary: "PRIM"}, timeout=30)
     print_states(lab, console)
+    same = _records(lab, primary) == _records(lab, secondary)
+    console.print(
+        f"{primary}'s copy was brought up to date (only what changed is sent): "
+        + ("[bold]identical[/] to " if same else "[red]DIFFERENT from[/] ")
+        + f"{secondary}'s."
+    )
 
     _step(
         console,
@@ -88,6 +108,26 @@ def _tour(lab: Lab, console: Console) -> None:
     print_states(lab, console)
     console.print(f"\nModule log on {primary} (last lines, `hakit log -m {MODULE}`):")
     console.print(agents.client(lab, primary).log(MODULE, 12), markup=False, highlight=False)
+
+
+def _append(lab: Lab, target: str, count: int) -> int:
+    """The client appends ``count`` records through the VIP; returns how many were acked."""
+    code = (
+        "import urllib.request as u\n"
+        "n = 0\n"
+        f"for i in range({count}):\n"
+        f"    req = u.Request('http://{target}/append', data=b'rec-%d\\n' % i)\n"
+        "    r = u.urlopen(req, timeout=2)\n"
+        "    n += r.status == 200\n"
+        "print(n)\n"
+    )
+    out = lab.run_in("client", [sys.executable, "-c", code], timeout=60)
+    return int(out.stdout.strip() or 0)
+
+
+def _records(lab: Lab, node: str) -> list[str]:
+    path = lab.data_dir(node, MODULE) / "replicated" / "records.log"
+    return path.read_text().split() if path.exists() else []
 
 
 def _who_answers(lab: Lab, target: str) -> str:
