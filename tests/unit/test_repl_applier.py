@@ -354,6 +354,41 @@ def test_fsync_of_file_directory_and_missing(tree: Tree) -> None:
     assert tree.err(Op.FSYNC, b"missing") == errno.ENOENT
 
 
+def test_fsync_after_a_write_uses_the_cached_descriptor_until_the_name_changes(
+    fast: Tree,
+) -> None:
+    fast.ok(Op.CREATE, b"f", a=0o644)
+    fast.ok(Op.WRITE, b"f", data=b"x")
+    fast.ok(Op.FSYNC, b"f", a=1)
+    fast.ok(Op.RENAME, b"f", b"g", c=T1, d=T1)
+    assert fast.err(Op.FSYNC, b"f", a=1) == errno.ENOENT  # not the stale descriptor
+    fast.ok(Op.FSYNC, b"g", a=0)
+
+
+def test_streamed_write_has_the_contract_of_apply(tree: Tree) -> None:
+    tree.ok(Op.CREATE, b"f", a=0o644)
+    head = p.decode_request_head(
+        bytes(Request(Op.WRITE, b"f", data=b"abc", a=2, b=T2, seq=9).encode()[0])[: p.REQ.size]
+    )
+    fd = tree.app.open_write(head, b"f")
+    os.pwrite(fd, b"abc", 2)
+    reply = tree.app.end_write(head, b"f", fd)
+    assert (reply.seq, reply.err) == (9, 0)
+    assert (tree.root / "f").read_bytes() == b"\0\0abc"
+    assert os.stat(tree.root / "f").st_mtime_ns == T2
+    failed = tree.app.end_write(head, b"f", fd, OSError(errno.ENOSPC, "No space left on device"))
+    assert failed.err == errno.ENOSPC
+    assert "WRITE f" in failed.message
+    (tree.root / "d").mkdir()
+    with pytest.raises(IsADirectoryError):
+        tree.app.open_write(head, b"d")
+    with pytest.raises(ProtocolError):
+        tree.app.open_write(head, b"../f")
+    create = p.decode_request_head(bytes(Request(Op.CREATE, b"f").encode()[0])[: p.REQ.size])
+    with pytest.raises(ProtocolError):
+        tree.app.open_write(create, b"f")
+
+
 # --- the tree's boundary ------------------------------------------------------------------
 
 

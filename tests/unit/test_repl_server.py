@@ -19,8 +19,9 @@ import pytest
 
 from hakit.repl import protocol as p
 from hakit.repl.applier import Applier
+from hakit.repl.link import HANDOFF_SIZE, Link, ReplicaLost, connect
 from hakit.repl.protocol import Op, Reply, Request
-from hakit.repl.server import BUFFER_SIZE, ReplicaServer
+from hakit.repl.server import BUFFER_SIZE, STREAM_SIZE, ReplicaServer
 
 TIMEOUT = 10.0  # seconds any single wait in these tests may take
 
@@ -188,6 +189,35 @@ def test_large_writes_pass_through_the_big_buffer(sec: Secondary) -> None:
     assert (sec.root / "big").read_bytes() == b"".join(chunks)
 
 
+def test_large_write_errors_are_answered_and_the_stream_stays_in_step(sec: Secondary) -> None:
+    c = sec.client()
+    c.hello()
+    (sec.root / "d").mkdir()
+    big = os.urandom(STREAM_SIZE * 3 + 5)
+    sent = [c.send(write(b"missing", big, 0)), c.send(write(b"d", big, 0))]
+    sent.append(c.send(Request(Op.CREATE, b"f", a=0o644)))
+    sent.append(c.send(write(b"f", big, 7)))
+    replies = [c.reply() for _ in sent]
+    assert [r.seq for r in replies] == sent
+    assert [r.err for r in replies] == [errno.ENOENT, errno.EISDIR, 0, 0]
+    assert (sec.root / "f").read_bytes() == b"\0" * 7 + big
+
+
+def test_large_write_cut_short_keeps_what_arrived_and_answers_nothing(sec: Secondary) -> None:
+    c = sec.client()
+    c.hello()
+    c.call(Request(Op.CREATE, b"f", a=0o644))
+    data = os.urandom(STREAM_SIZE * 4)
+    frame = b"".join(bytes(x) for x in write(b"f", data, 0).encode(99))
+    c.sock.sendall(frame[: -STREAM_SIZE - 1])
+    c.sock.shutdown(socket.SHUT_WR)
+    assert c.closed()
+    assert "truncated" in sec.handlers.wait_event("disconnected")[0]
+    kept = (sec.root / "f").read_bytes()
+    assert len(kept) >= STREAM_SIZE * 2
+    assert data.startswith(kept)
+
+
 def test_errors_are_answered_and_the_connection_goes_on(sec: Secondary) -> None:
     c = sec.client()
     c.hello()
@@ -345,3 +375,70 @@ def test_every_bind_address_listens_on_the_same_chosen_port(tmp_path: Path) -> N
         server.stop()
         applier.close()
         os.close(fd)
+
+
+# --- the primary's end (Link) against this server ----------------------------------------
+
+
+def _link(sec: Secondary) -> tuple[Link, list[tuple[str, str]]]:
+    broken: list[tuple[str, str]] = []
+    sock = connect("127.0.0.1", sec.server.port, None, TIMEOUT, "hakit-replication")
+    link = Link(sock, TIMEOUT, lambda why: broken.append((why, threading.current_thread().name)))
+    hello = link.call(Request(Op.HELLO, data=p.encode_json({"node": "n1"})))
+    assert hello.err == 0
+    return link, broken
+
+
+def test_link_waiters_in_many_threads_each_get_their_own_reply(sec: Secondary) -> None:
+    link, broken = _link(sec)
+    assert link.call(Request(Op.CREATE, b"f", a=0o644)).err == 0
+    block = 4096
+    big = os.urandom(HANDOFF_SIZE + 3)
+    errors: list[BaseException] = []
+
+    def worker(n: int) -> None:
+        try:
+            for i in range(150):
+                off = (n * 150 + i) * block
+                pend = link.submit(write(b"f", bytes([n]) * block, off))
+                if i % 3 == 0:  # a few wait later, after more submissions
+                    later = link.submit(Request(Op.STAT, b"f"))
+                    assert later.wait().err == 0
+                reply = pend.wait()
+                assert (reply.seq, reply.err) == (pend.seq, 0)
+            assert link.call(write(b"big%d" % n, big, 0)).err == errno.ENOENT
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(TIMEOUT * 3)
+    assert not errors, errors
+    data = (sec.root / "f").read_bytes()
+    assert data == b"".join(bytes([n]) * block * 150 for n in range(8))
+    assert link.outstanding == 0
+    link.close()
+    deadline = time.monotonic() + TIMEOUT
+    while not broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert broken == [("closed", "repl-broken")]  # once, from a thread of its own
+
+
+def test_link_breaks_for_every_waiter_when_the_secondary_stops(sec: Secondary) -> None:
+    link, broken = _link(sec)
+    assert link.call(Request(Op.CREATE, b"f", a=0o644)).err == 0
+    sec.server.stop()
+    with pytest.raises(ReplicaLost):
+        for i in range(1000):  # the stop is seen at the latest by the next request
+            link.call(write(b"f", b"x", i))
+            time.sleep(0.01)
+    with pytest.raises(ReplicaLost):
+        link.submit(write(b"f", b"y", 0))
+    link.close()
+    deadline = time.monotonic() + TIMEOUT
+    while not broken and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    assert len(broken) == 1

@@ -14,6 +14,9 @@ Contracts of :meth:`Applier.apply`:
   written file (``fsync`` for CREATE), ``fsync`` of the parent directory (both for RENAME) for
   namespace changes, and for metadata changes ``fsync`` of the object when it is a regular file
   or directory, else of its parent.
+- :meth:`Applier.open_write` and :meth:`Applier.end_write` apply a WRITE whose data the caller
+  writes itself to the descriptor as it arrives (the server's large WRITEs), with the same
+  checks, reply and caching as :meth:`Applier.apply`.
 - An ``OSError`` never escapes: the reply carries its errno and a UTF-8 message. So do values
   the system refuses (``ValueError``/``OverflowError`` → ``EINVAL``). A failed request may have
   been partly applied (as the same failure would be locally); the primary decides what to do.
@@ -173,6 +176,7 @@ class Applier:
         self._files = _FdCache(FILE_CACHE_SIZE)
         self._dirs = _FdCache(DIR_CACHE_SIZE)
         self._stale = False  # a directory moved or vanished: drop every cached descriptor
+        self._mtime_only = _Times(0, _UTIME_OMIT, 0, 0)  # reused by _done_file
         self._handlers: dict[Op, Handler] = {
             op: getattr(self, f"_{op.name.lower()}") for op in APPLIED
         }
@@ -216,6 +220,35 @@ class Applier:
         finally:
             self._settle()
         return Reply(head.seq, 0, out or b"")
+
+    # ------------------------------------------------------------------ streamed writes
+    def open_write(self, head: RequestHead, path: bytes) -> int:
+        """For a WRITE whose data is written as it arrives: the descriptor to ``pwrite`` it to
+        (borrowed, valid until :meth:`end_write`). Raises ``OSError`` (answer it with
+        :meth:`end_write`) or :class:`ProtocolError`, as :meth:`apply` would."""
+        if head.op != Op.WRITE:
+            raise ProtocolError(f"{head.op.name} is not a WRITE")
+        if not 0 <= head.root < len(self._roots):
+            raise ProtocolError(f"no replicated directory {head.root}")
+        p.check_path(path)
+        return self._file(head.root, path)
+
+    def end_write(
+        self, head: RequestHead, path: bytes, fd: int, error: OSError | None = None
+    ) -> Reply:
+        """The reply of a streamed WRITE once its data is in ``fd``, or ``error`` (the first
+        failure: of :meth:`open_write` or of a ``pwrite``); same contract as :meth:`apply`."""
+        try:
+            if error is not None:
+                raise error
+            self._done_file(fd, head.b)
+        except OSError as exc:
+            code = exc.errno or errno.EIO
+            text = f"{head.op.name} {os.fsdecode(path)}: {exc.strerror or os.strerror(code)}"
+            return Reply(head.seq, code, text.encode("utf-8", "backslashreplace"))
+        finally:
+            self._settle()
+        return Reply(head.seq)
 
     # ------------------------------------------------------------------ resolution
     def _settle(self) -> None:
@@ -309,7 +342,10 @@ class Applier:
 
     def _done_file(self, fd: int, mtime: int) -> None:
         """After a change of a file's content: its mtime, then durability."""
-        set_times(fd, None, KEEP, mtime)
+        if mtime != KEEP:
+            times = self._mtime_only
+            times[2], times[3] = divmod(mtime, 1_000_000_000)
+            _check(_libc.futimens(fd, times))
         if self.durable:
             os.fdatasync(fd)
 
@@ -350,6 +386,10 @@ class Applier:
         self._done_file(fd, h.d)
 
     def _fsync(self, h: RequestHead, path: bytes, _p2: bytes, _d: object) -> None:
+        fd = self._files.get((h.root, path))  # a cached descriptor names a regular file
+        if fd is not None:
+            (os.fdatasync if h.a == 1 else os.fsync)(fd)
+            return
         parent, name = self._at(h.root, path)
         mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
         if stat.S_ISREG(mode):

@@ -12,8 +12,13 @@ Threads (no asyncio):
   HELLO is then refused has still ended the previous one: its HELLO may depend on that end).
 - the **connection thread** reads requests, applies them through the :class:`Applier` (or the
   handlers for HELLO, BEGIN_RESYNC, END_RESYNC) and queues the replies, which it sends in
-  order whenever it would otherwise wait for the next request. It is the only thread that
-  touches the socket: an SSL object must not be used by two threads at once.
+  order (all those queued, in one send) whenever it would otherwise wait for the next
+  request. It is the only thread that touches the socket (non-blocking): an SSL object must
+  not be used by two threads at once.
+- a **writer thread** per connection, for WRITEs of :data:`STREAM_SIZE` bytes or more:
+  it ``pwrite``s each piece of the data as soon as it has arrived, while the connection
+  thread receives the next one; the reply is queued once every piece is written (then the
+  mtime is set, as for any WRITE). Nothing else is applied meanwhile.
 - a **flusher thread** per connection runs ``syncfs`` on the replicated file systems for
   SYNCFS requests (several waiting requests share one flush) and hands the replies back to
   the connection thread, which goes on applying meanwhile. A SYNCFS reply is only queued
@@ -29,7 +34,9 @@ Contracts:
 - :meth:`ReplicaServer.stop` closes the listeners first, then ends the connection: every
   request already received (buffered here or in the kernel) is applied and answered — reading
   stops once nothing more is readable, or after :data:`DRAIN_TIMEOUT` seconds if the primary
-  keeps sending; a partial frame is dropped. Pending SYNCFS flushes finish. It joins every
+  keeps sending; a partial frame is dropped (of a large WRITE, the pieces already received
+  stay written, as after a write interrupted by a crash; it is not answered, so the primary
+  counts it as lost). Pending SYNCFS flushes finish. It joins every
   thread, is idempotent, and leaves the applier (owned by the caller) open.
 - A protocol error (bad frame, refused path, HELLO not first) ends the connection with
   ``event("error", …)``; a refused HELLO (``ValueError`` from ``handlers.hello``) is answered
@@ -41,6 +48,7 @@ Contracts:
 
 from __future__ import annotations
 
+import _thread
 import collections
 import contextlib
 import errno
@@ -63,13 +71,16 @@ from hakit.repl.protocol import Op, ProtocolError, Reply, RequestHead
 log = logging.getLogger(__name__)
 
 OPEN_TIMEOUT = 10.0  # seconds for a new connection's TLS handshake and HELLO frame
-IO_TIMEOUT = 60.0  # seconds a send (or the rest of a TLS record) may take before giving up
+IO_TIMEOUT = 60.0  # seconds a send of replies may take before giving up
 DRAIN_TIMEOUT = 2.0  # seconds at most to read what is still arriving after a stop request
 BUFFER_SIZE = 1 << 20  # receive buffer; frames with more data use a MAX_DATA buffer
+STREAM_SIZE = 256 << 10  # WRITEs with this much data are written while they arrive
+STREAM_CHUNK = 256 << 10  # handed to the writer thread at a time
 FLUSH_SIZE = 256 << 10  # bytes of queued replies sent even if more requests are buffered
 MAX_OPENING = 4  # connections allowed in handshake at once; more are closed at once
 KEEPALIVE = (10, 5, 3)  # TCP keepalive: idle seconds, interval seconds, probes
 _KEEPALIVE_OPTIONS = (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT)
+_WANT = (ssl.SSLWantReadError, ssl.SSLWantWriteError, BlockingIOError)
 
 
 class Handlers(Protocol):
@@ -95,16 +106,16 @@ def _abort(sock: socket.socket) -> None:
 
 
 class _Reader:
-    """Frames from a socket through one reusable buffer; ``wait()`` False means stop reading.
+    """Frames through one reusable buffer, filled by ``recv_into`` (0: stop reading).
 
     A frame's ``data`` is a view valid until the next call of :meth:`frame`.
     """
 
-    def __init__(self, sock: socket.socket, wait: Callable[[], bool]) -> None:
-        self.sock = sock
-        self._wait = wait
+    def __init__(self, recv_into: Callable[[memoryview], int]) -> None:
+        self._recv_into = recv_into
         self._view = memoryview(bytearray(BUFFER_SIZE))
         self._big: memoryview | None = None
+        self._streaming = 0  # data bytes of the frame returned for stream()
         self._lo = self._hi = 0
         self.partial = False  # the stream ended inside a frame
 
@@ -116,9 +127,7 @@ class _Reader:
             self._view[:n] = self._view[self._lo : self._hi]
             self._lo, self._hi = 0, n
         while self._hi - self._lo < need:
-            if not self._wait():
-                return False
-            got = self.sock.recv_into(self._view[self._hi :])
+            got = self._recv_into(self._view[self._hi :])
             if got == 0:
                 return False
             self._hi += got
@@ -129,8 +138,9 @@ class _Reader:
         self._lo += n
         return view
 
-    def frame(self) -> tuple[RequestHead, bytes, bytes, memoryview] | None:
-        """The next request, or None at the end of the stream."""
+    def frame(self) -> tuple[RequestHead, bytes, bytes, memoryview | None] | None:
+        """The next request, or None at the end of the stream. A large WRITE comes without
+        its data (None): read it with :meth:`stream` before the next frame."""
         if not self._fill(p.REQ.size):
             self.partial = self._hi > self._lo
             return None
@@ -140,6 +150,9 @@ class _Reader:
             return None
         path, path2 = bytes(self._take(head.path_len)), bytes(self._take(head.path2_len))
         n = head.data_len
+        if n >= STREAM_SIZE and head.op == Op.WRITE:
+            self._streaming = n
+            return head, path, path2, None
         if n <= len(self._view):
             if not self._fill(n):
                 return None
@@ -151,12 +164,75 @@ class _Reader:
             have = min(n, self._hi - self._lo)
             data[:have] = self._take(have)
             while have < n:
-                got = self.sock.recv_into(data[have:]) if self._wait() else 0
+                got = self._recv_into(data[have:])
                 if got == 0:
                     return None
                 have += got
         self.partial = False
         return head, path, path2, data
+
+    def stream(self, consume: Callable[[memoryview, int], None]) -> bool:
+        """The data of the frame :meth:`frame` returned without it, piece by piece:
+        ``consume(view, offset in the data)``, each view valid until the next :meth:`frame`.
+        False if the stream ended first (what was consumed stays consumed)."""
+        n, self._streaming = self._streaming, 0
+        if self._big is None:
+            self._big = memoryview(bytearray(p.MAX_DATA))
+        data = self._big[:n]
+        have = min(n, self._hi - self._lo)
+        data[:have] = self._take(have)
+        handed = 0
+        while True:
+            if have - handed >= STREAM_CHUNK or (have == n and have > handed):
+                consume(data[handed:have], handed)
+                handed = have
+            if have == n:
+                self.partial = False
+                return True
+            got = self._recv_into(data[have:])
+            if got == 0:
+                return False
+            have += got
+
+
+class _Writer(threading.Thread):
+    """``pwrite``s the pieces of a streamed WRITE put in :attr:`jobs` (None ends it)."""
+
+    def __init__(self) -> None:
+        super().__init__(name="repl-write", daemon=True)
+        self.jobs: queue.SimpleQueue[tuple[int, memoryview, int] | _thread.LockType | None] = (
+            queue.SimpleQueue()
+        )
+        self._error: OSError | None = None
+        self.start()
+
+    def run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if not isinstance(job, tuple):
+                job.release()
+                continue
+            fd, view, offset = job
+            if self._error is not None:
+                continue  # the rest of a failed write is dropped
+            try:
+                while view:
+                    n = os.pwrite(fd, view, offset)
+                    view, offset = view[n:], offset + n
+            except OSError as exc:
+                self._error = exc
+
+    def wait(self) -> OSError | None:
+        """Once every piece put so far is written: the first failure since the last wait."""
+        done = _thread.allocate_lock()
+        done.acquire()
+        self.jobs.put(done)
+        done.acquire()
+        error, self._error = self._error, None
+        return error
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.join()
 
 
 class _Flusher(threading.Thread):
@@ -204,7 +280,9 @@ class _Connection:
         self._pending: list[bytes] = []
         self._pending_size = 0
         self._async: collections.deque[Reply] = collections.deque()
-        self._reader = _Reader(sock, self._wait)
+        self._reader = _Reader(self._recv_into)
+        self._writer: _Writer | None = None
+        self._send_timeout = IO_TIMEOUT
         self.thread = threading.Thread(target=self._run, name=f"repl-conn {peer}", daemon=True)
 
     # ------------------------------------------------------------------ control (any thread)
@@ -262,7 +340,7 @@ class _Connection:
                 server.emit("disconnected", f"{self.peer}: {reason}")
             server.release(self)
 
-    def _open(self) -> tuple[RequestHead, bytes, bytes, memoryview] | None:
+    def _open(self) -> tuple[RequestHead, bytes, bytes, memoryview | None] | None:
         ctx = self._server.ssl_context
         self._sock.settimeout(OPEN_TIMEOUT)
         if ctx is not None:
@@ -270,7 +348,7 @@ class _Connection:
                 if self._stopping:
                     return None
                 tls = ctx.wrap_socket(self._sock, server_side=True, do_handshake_on_connect=False)
-                self._sock = self._reader.sock = tls
+                self._sock = tls
             tls.do_handshake()
         first = self._reader.frame()
         if first is not None and first[0].op != Op.HELLO:
@@ -283,15 +361,15 @@ class _Connection:
             if self._stopping:
                 return False
             self._active = True
-        self._sock.settimeout(IO_TIMEOUT)
+        self._sock.setblocking(False)
         self._poll.register(self._sock.fileno(), select.POLLIN)
         self._poll.register(self._wake, select.POLLIN)
         return True
 
-    def _hello(self, first: tuple[RequestHead, bytes, bytes, memoryview]) -> bool:
+    def _hello(self, first: tuple[RequestHead, bytes, bytes, memoryview | None]) -> bool:
         head, data = first[0], first[3]
         try:
-            ours = self._server.handlers.hello(p.decode_json(bytes(data)))
+            ours = self._server.handlers.hello(p.decode_json(bytes(data or b"")))
         except ValueError as exc:
             self._queue(Reply(head.seq, errno.EPERM, str(exc).encode()))
             self._flush()
@@ -304,6 +382,12 @@ class _Connection:
         handlers, applier = self._server.handlers, self._server.applier
         while (frame := self._reader.frame()) is not None:
             head, path, path2, data = frame
+            if data is None:  # a large WRITE: written while its data arrives
+                streamed = self._stream_write(head, path)
+                if streamed is None:
+                    break
+                self._queue(streamed)
+                continue
             if head.op == Op.SYNCFS:
                 flusher.queue.put(head.seq)
                 continue
@@ -332,14 +416,54 @@ class _Connection:
             return "stopped (a partial request was dropped)" if self._stopping else "truncated"
         return "stopped" if self._stopping else "closed by the primary"
 
+    def _stream_write(self, head: RequestHead, path: bytes) -> Reply | None:
+        """Apply a large WRITE while it arrives: the writer thread ``pwrite``s each piece as
+        this thread receives the next. None if the stream ends inside the frame (the pieces
+        already written stay: the same as a write interrupted by a crash)."""
+        applier = self._server.applier
+        error: OSError | None = None
+        try:
+            fd = applier.open_write(head, path)
+        except OSError as exc:
+            fd, error = -1, exc
+        if self._writer is None:
+            self._writer = _Writer()
+        writer, base = self._writer, head.a
+        complete = self._reader.stream(
+            lambda view, off: writer.jobs.put((fd, view, base + off)) if fd >= 0 else None
+        )
+        error = error or writer.wait()
+        if not complete:
+            return None
+        return applier.end_write(head, path, fd, error)
+
+    def _recv_into(self, view: memoryview) -> int:
+        """Bytes read into ``view``; 0 at the end of the stream or when reading must stop.
+
+        Replies already queued go out before waiting for more requests (all of them in one
+        send). While none are queued, what has arrived is read without waiting first.
+        """
+        if not self._active:  # opening: blocking reads under OPEN_TIMEOUT
+            return 0 if self._stopping else self._sock.recv_into(view)
+        sock = self._sock
+        if not self._pending and not self._stopping:
+            try:
+                return sock.recv_into(view)
+            except _WANT:
+                pass
+        while self._wait():
+            try:
+                return sock.recv_into(view)
+            except _WANT:
+                pass
+        return 0
+
     def _wait(self) -> bool:
         """Send queued replies, then wait until the socket is readable; False: stop reading."""
-        if not self._active:
-            return not self._stopping  # opening: blocking reads under OPEN_TIMEOUT
         while True:
             if self._stopping and not self._deadline:
                 self._deadline = time.monotonic() + DRAIN_TIMEOUT
-                self._sock.settimeout(DRAIN_TIMEOUT)  # bounds the sends below too
+                self._send_timeout = DRAIN_TIMEOUT  # bounds the sends below too
             self._flush()
             if isinstance(self._sock, ssl.SSLSocket) and self._sock.pending():
                 return True
@@ -375,19 +499,38 @@ class _Connection:
 
     def _flush(self) -> None:
         if self._pending:
-            raw = b"".join(self._pending)
+            raw = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
             self._pending.clear()
             self._pending_size = 0
-            self._sock.sendall(raw)
+            self._send_all(raw)
+
+    def _send_all(self, raw: bytes) -> None:
+        """Send everything (the socket is non-blocking); ``OSError`` after ``_send_timeout``."""
+        sock, view, deadline = self._sock, memoryview(raw), 0.0
+        while view:
+            try:
+                view = view[sock.send(view) :]
+                continue
+            except _WANT:
+                pass
+            now = time.monotonic()
+            deadline = deadline or now + self._send_timeout
+            if now >= deadline:
+                raise TimeoutError(f"the primary takes no data for {self._send_timeout:g} s")
+            waiter = select.poll()
+            waiter.register(sock.fileno(), select.POLLOUT)
+            waiter.poll((deadline - now) * 1000)
 
     def _finish(self, flusher: _Flusher | None) -> None:
         """Pending flushes end, their replies go out if the socket still works; close."""
+        if self._writer is not None:
+            self._writer.stop()  # pieces of a WRITE cut short are written (they were received)
         if flusher is not None:
             flusher.queue.put(None)
             flusher.join()
             self._take_async()
             try:
-                self._sock.settimeout(DRAIN_TIMEOUT)
+                self._send_timeout = DRAIN_TIMEOUT
                 self._flush()
             except OSError as exc:
                 log.debug("last replies to %s not sent: %s", self.peer, exc)
