@@ -115,7 +115,8 @@ def syncfs(fd: int) -> None:
     _check(_libc.syncfs(fd))
 
 
-def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """``fallocate(2)`` with any mode (``os.posix_fallocate`` only does mode 0)."""
     _check(_libc.fallocate(fd, mode, offset, length))
 
 
@@ -382,7 +383,7 @@ class Applier:
         if h.c == 0:
             os.posix_fallocate(fd, h.a, h.b)
         else:
-            _fallocate(fd, h.c, h.a, h.b)
+            fallocate(fd, h.c, h.a, h.b)
         self._done_file(fd, h.d)
 
     def _fsync(self, h: RequestHead, path: bytes, _p2: bytes, _d: object) -> None:

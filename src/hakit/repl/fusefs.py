@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import _thread
 import ctypes
-import ctypes.util
 import errno
 import os
 import stat
@@ -40,6 +39,7 @@ from typing import Any
 from mfusepy import FUSE, FuseOSError, Operations, c_stat, fuse_get_context
 
 from hakit.repl import protocol as p
+from hakit.repl.applier import fallocate
 from hakit.repl.primary import PrimaryReplicator, Ticket
 
 _STAT_KEYS = (
@@ -67,14 +67,6 @@ _STATFS_KEYS = (
 _DROP_FLAGS = os.O_SYNC | os.O_DSYNC | getattr(os, "O_DIRECT", 0)
 _NS = 1_000_000_000
 RENAME_NOREPLACE = 1
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with any mode (os.posix_fallocate only does mode 0)."""
-    if _libc.fallocate(fd, mode, ctypes.c_int64(offset), ctypes.c_int64(length)) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
 
 
 _pinned: set[int] = set()  # libfuse threads whose Python thread state is kept between calls

@@ -24,7 +24,6 @@ import enum
 import logging
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -253,16 +252,13 @@ class PrimaryReplicator:
 
     def report(self) -> None:
         self.emit(
-            {
-                "ev": "record",
-                "data": str(self.record.data),
-                "generation": self.record.generation,
-                "ran_alone": self.record.ran_alone,
-                "in_sync": self.mode == Mode.SYNC,
-                "mode": str(self.mode),
-                "detail": self.detail,
-                "progress": self.resync_progress,
-            }
+            records.event(
+                self.record,
+                in_sync=self.mode == Mode.SYNC,
+                mode=str(self.mode),
+                detail=self.detail,
+                progress=self.resync_progress,
+            )
         )
 
     def _on_broken(self, link: Link, reason: str) -> None:
@@ -368,11 +364,8 @@ class PrimaryReplicator:
         while not self._stop.wait(1.0):
             if self.journal.active:
                 self.journal.flush_ranges()
-            self.report_progress_if_due()
-
-    def report_progress_if_due(self) -> None:
-        if self.mode == Mode.RESYNC:
-            self.report()
+            if self.mode == Mode.RESYNC:
+                self.report()  # progress
 
     def mark_in_sync(self, link: Link) -> None:
         """The secondary acknowledged the end of the resync: clear ``ran_alone``, go SYNC."""
@@ -387,6 +380,3 @@ class PrimaryReplicator:
                 f"in sync with the secondary at generation {self.record.generation}",
             )
         log.info("secondary in sync (generation %d)", self.record.generation)
-
-    def now(self) -> float:
-        return time.monotonic()

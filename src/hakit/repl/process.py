@@ -85,16 +85,7 @@ class Replicator:
 
     def emit_record(self, rec: DataRecord, detail: str, mode: str = "") -> None:
         self.emit(
-            {
-                "ev": "record",
-                "data": str(rec.data),
-                "generation": rec.generation,
-                "ran_alone": rec.ran_alone,
-                "in_sync": False,
-                "mode": mode or self.role,
-                "detail": detail,
-                "progress": {},
-            }
+            records.event(rec, in_sync=False, mode=mode or self.role, detail=detail, progress={})
         )
 
     # ------------------------------------------------------------------ roles

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from hakit.core.freshness import DataRecord, DataState
 from hakit.system.durable import write_atomic
@@ -49,3 +50,19 @@ def save(path: Path, record: DataRecord) -> None:
         sort_keys=True,
     )
     write_atomic(path, text)
+
+
+def event(
+    rec: DataRecord, *, in_sync: bool, mode: str, detail: str, progress: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``record`` event a replicator sends its agent (see hakit.repl.process)."""
+    return {
+        "ev": "record",
+        "data": str(rec.data),
+        "generation": rec.generation,
+        "ran_alone": rec.ran_alone,
+        "in_sync": in_sync,
+        "mode": mode,
+        "detail": detail,
+        "progress": progress,
+    }
