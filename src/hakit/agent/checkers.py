@@ -2,7 +2,10 @@
 
 A checker runs every ``period`` after an initial ``grace``; when it decides the application is
 unhealthy it calls ``report(CheckerFailed)`` once and ends (the module machine then restarts,
-fails over or stops, and starts the checkers again if the application runs again).
+fails over or stops, and starts the checkers again if the application runs again). Farm
+modules pass ``recovered``: a failed checker then keeps probing and calls ``recovered(name)``
+once the check has passed as many times in a row as it had to fail (the node rejoins the
+membership), then watches again.
 
 - process: the process named by a pid file, or by name, must exist (and not be a zombie).
   Lookups by name only consider processes in this agent's network namespace, so that in the
@@ -25,6 +28,7 @@ from hakit.core.events import CheckerAction, CheckerFailed
 log = logging.getLogger(__name__)
 
 Report = Callable[[CheckerFailed], None]
+Recovered = Callable[[str], None]
 
 
 def checker_name(index: int, cfg: ProcessChecker | TcpChecker) -> str:
@@ -33,10 +37,17 @@ def checker_name(index: int, cfg: ProcessChecker | TcpChecker) -> str:
     return f"tcp:{cfg.host}:{cfg.port}#{index}" if index else f"tcp:{cfg.host}:{cfg.port}"
 
 
-async def run_checker(name: str, cfg: ProcessChecker | TcpChecker, report: Report) -> None:
-    """Run one checker until it fails (then report and return) or is cancelled."""
+async def run_checker(
+    name: str,
+    cfg: ProcessChecker | TcpChecker,
+    report: Report,
+    recovered: Recovered | None = None,
+) -> None:
+    """Run one checker until it fails (then report and return, unless ``recovered`` is given)
+    or is cancelled."""
     await asyncio.sleep(cfg.grace)
-    failures = 0
+    failures = passes = 0
+    failing = False
     while True:
         if isinstance(cfg, ProcessChecker):
             problem = process_problem(cfg)
@@ -46,12 +57,22 @@ async def run_checker(name: str, cfg: ProcessChecker | TcpChecker, report: Repor
             needed = cfg.failures
         if problem is None:
             failures = 0
-        else:
+            passes += 1
+            if failing and recovered is not None and passes >= needed:
+                failing = False
+                log.info("checker %s: healthy again", name)
+                recovered(name)
+        elif not failing:
             failures += 1
+            passes = 0
             log.info("checker %s: %s (%d/%d)", name, problem, failures, needed)
             if failures >= needed:
                 report(CheckerFailed(name, CheckerAction(cfg.action), problem))
-                return
+                if recovered is None:
+                    return
+                failing = True
+        else:
+            passes = 0
         await asyncio.sleep(cfg.period)
 
 
