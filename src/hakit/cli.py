@@ -216,6 +216,9 @@ def state_table(node: str, modules: dict[str, Any], peers: dict[str, Any]) -> Ta
     for col in ("module", "state", "since", "peer", "data", "reason"):
         table.add_column(col, overflow="fold")
     for name, m in sorted(modules.items()):
+        if m.get("mode") == "farm":
+            table.add_row(name, *farm_cells(m))
+            continue
         peer = m.get("peer") or ""
         alive = peers.get(peer, {}).get("alive")
         peer_text = f"{peer} {m.get('peer_state') or ('lost' if alive is False else '?')}"
@@ -229,6 +232,20 @@ def state_table(node: str, modules: dict[str, Any], peers: dict[str, Any]) -> Ta
             m.get("reason", ""),
         )
     return table
+
+
+def farm_cells(m: dict[str, Any]) -> tuple[str, str, str, str, str]:
+    """state, since, peer, data and reason cells of a farm module: ``UP 86/256``, the
+    members, and the packet counters of this node's filter."""
+    farm = m.get("farm", {})
+    since = time.strftime("%H:%M:%S", time.localtime(m["since"])) if m.get("since") else ""
+    shares = farm.get("shares", {})
+    members = " ".join(f"{n}:{k}" for n, k in sorted(shares.items())) or "none"
+    counters = farm.get("counters") or {}
+    packets = ", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "-"
+    arp = " (answers ARP)" if farm.get("arp") else ""
+    state = f"[{m['colour']}]{m['state']} {farm.get('buckets', 0)}/256[/]{arp}"
+    return state, since, f"members {members}", packets, m.get("reason", "")
 
 
 def data_text(repl: dict[str, Any] | None) -> str:

@@ -12,6 +12,7 @@ Every problem found is reported at once, each as ``file: field.path: message —
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -25,7 +26,19 @@ from hakit.errors import ConfigError
 
 DEFAULT_CLUSTER_FILE = Path("/etc/hakit/cluster.toml")
 MAX_MODULES = 32
-SCRIPT_NAMES = ("prestart", "start_prim", "stop_prim", "start_second", "stop_second", "poststop")
+SCRIPT_NAMES = (
+    "prestart",
+    "start_prim",
+    "stop_prim",
+    "start_second",
+    "stop_second",
+    "start_both",
+    "stop_both",
+    "poststop",
+)
+MIRROR_SCRIPTS = ("start_prim", "stop_prim", "start_second", "stop_second")
+FARM_SCRIPTS = ("start_both", "stop_both")
+MAX_FARM_NODES = 32
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)\s*$")
@@ -199,9 +212,30 @@ class ReplicationConfig(_Strict):
     block_size: int = Field(default=128 * 1024, ge=4096, le=16 << 20)  # resync checksum block
 
 
+class FarmRuleConfig(_Strict):
+    """Which packets to the VIP are load balanced, and by what (``[[farm.rules]]``)."""
+
+    proto: Literal["tcp", "udp"] = "tcp"
+    ports: list[Annotated[int, Field(ge=1, le=65535)]] = Field(min_length=1, max_length=64)
+    # client-ip: a client address always lands on the same node (affinity);
+    # client-ip-port: each connection (source address and port) is placed on its own
+    by: Literal["client-ip", "client-ip-port"] = "client-ip"
+
+
+class FarmConfig(_Strict):
+    """Load balancing of a farm module (``[farm]``)."""
+
+    rules: list[FarmRuleConfig] = Field(min_length=1)
+    # hash seed, equal on every node; default: derived from the cluster and module names
+    seed: int | None = Field(None, ge=0, lt=1 << 32)
+    weights: dict[Name, Annotated[int, Field(ge=1, le=100)]] = {}  # node -> share weight (1)
+    drain_timeout: Duration = 30.0  # a clean stop waits this long for open connections to end
+
+
 class ModuleConfig(_Strict):
-    mode: Literal["mirror"]
-    nodes: list[Name] | None = None  # default: the cluster's nodes (exactly two for mirror)
+    mode: Literal["mirror", "farm"]
+    # default: the cluster's nodes (a mirror module runs on exactly two, a farm on 2 to 32)
+    nodes: list[Name] | None = None
     preferred: Name | None = None  # preferred primary when both start
     failover: bool = True  # the secondary takes over when the primary is lost
     failback: bool = False  # the preferred node takes the primary role back when it rejoins
@@ -211,6 +245,28 @@ class ModuleConfig(_Strict):
     loop_guard: LoopGuardConfig = LoopGuardConfig()
     replicate: list[ReplicateConfig] = []  # directories kept identical on both nodes
     replication: ReplicationConfig = ReplicationConfig()
+    farm: FarmConfig | None = None  # farm modules only
+
+    @model_validator(mode="after")
+    def _mode_fields(self) -> ModuleConfig:
+        if self.mode == "mirror":
+            if self.farm is not None:
+                raise ValueError('farm: only for mode = "farm"; remove the [farm] section')
+            return self
+        if self.farm is None:
+            raise ValueError(
+                "farm: a farm module needs a [farm] section with at least one rule, e.g. "
+                '[[farm.rules]] proto = "tcp", ports = [80]'
+            )
+        if self.replicate:
+            raise ValueError("replicate: a farm module replicates no data; use a mirror module")
+        if self.preferred is not None or self.failback:
+            raise ValueError("preferred/failback: mirror settings; remove them from a farm module")
+        if len(self.vips) != 1 or ":" in self.vips[0].address:
+            raise ValueError(
+                "vips: a farm module has exactly one IPv4 VIP ([[vips]] address, interface)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _distinct_dirs(self) -> ModuleConfig:
@@ -246,6 +302,19 @@ class Module:
     def replicated(self) -> bool:
         """The module has directories to replicate (it then runs a replicator process)."""
         return bool(self.config.replicate)
+
+    @property
+    def farm(self) -> bool:
+        return self.config.mode == "farm"
+
+    def farm_seed(self, cluster_name: str) -> int:
+        """The configured hash seed, else one derived from the cluster and module names (the
+        same on every node, different per module)."""
+        assert self.config.farm is not None
+        if self.config.farm.seed is not None:
+            return self.config.farm.seed
+        digest = hashlib.blake2b(f"{cluster_name}/{self.name}".encode(), digest_size=4).digest()
+        return int.from_bytes(digest, "big")
 
 
 class Config:
@@ -325,11 +394,30 @@ def _load_modules(cluster: ClusterConfig, path: Path, problems: list[str]) -> di
                 f"{file}: nodes/preferred: unknown node(s) {unknown} — use names "
                 f"from [nodes] in {path}"
             )
-        if len(nodes) != 2:
+        if cfg.mode == "mirror" and len(nodes) != 2:
             problems.append(
                 f"{file}: nodes: a mirror module runs on exactly two nodes, got "
                 f"{nodes} — list two in `nodes = [...]`"
             )
+        if cfg.mode == "farm":
+            if not 2 <= len(nodes) <= MAX_FARM_NODES:
+                problems.append(
+                    f"{file}: nodes: a farm module runs on 2 to {MAX_FARM_NODES} nodes, "
+                    f"got {len(nodes)}"
+                )
+            assert cfg.farm is not None
+            stray = sorted(set(cfg.farm.weights) - set(nodes))
+            if stray:
+                problems.append(
+                    f"{file}: farm.weights: {stray} not among the module's nodes {nodes}"
+                )
+        wrong = FARM_SCRIPTS if cfg.mode == "mirror" else MIRROR_SCRIPTS
+        for script in wrong:
+            if (sub / script).exists():
+                problems.append(
+                    f"{sub / script}: a {cfg.mode} module never runs this script — "
+                    f"use {' / '.join(MIRROR_SCRIPTS if cfg.mode == 'mirror' else FARM_SCRIPTS)}"
+                )
         for script in SCRIPT_NAMES:
             sp = sub / script
             if sp.exists() and not os.access(sp, os.X_OK):

@@ -22,14 +22,17 @@ import signal
 import time
 from typing import Any
 
+from hakit.agent.farm_runner import FarmRunner
 from hakit.agent.module_runner import ModuleRunner
 from hakit.agent.store import Store
 from hakit.api.server import ApiServer
 from hakit.config import Config
-from hakit.core import payload
+from hakit.core import farm_payload, payload
 from hakit.core.events import Command, PeerHeard, PeerLost, PeerModuleStatus, Tick, Verb
+from hakit.core.farm import FarmPeerHeard, FarmPeerStatus
 from hakit.core.peers import PeerTracker
 from hakit.model import ModuleName, NodeId, State
+from hakit.net import farm as farm_net
 from hakit.net.heartbeat import HeartbeatTransport
 from hakit.net.wire import Envelope
 
@@ -53,7 +56,7 @@ class Agent:
         self.tick_period = min(hb.interval / 5, 0.05)
         peers = [n for n in config.cluster.nodes if n != node]
         self.tracker = PeerTracker([NodeId(p) for p in peers], hb.timeout)
-        self.modules: dict[str, ModuleRunner] = {}
+        self.modules: dict[str, ModuleRunner | FarmRunner] = {}
         self.send_soon = asyncio.Event()
         self.stopping = asyncio.Event()
         self.transport: HeartbeatTransport | None = None
@@ -75,7 +78,8 @@ class Agent:
         for name, module in self.config.modules.items():
             if self.node not in module.nodes:
                 continue
-            runner = ModuleRunner(
+            kind = FarmRunner if module.farm else ModuleRunner
+            runner = kind(
                 module,
                 self.config,
                 self.node,
@@ -85,6 +89,7 @@ class Agent:
             )
             self.modules[name] = runner
             await runner.start()
+        await self._remove_stale_farms()
         me = cfg.nodes[self.node].addresses
         self.transport = HeartbeatTransport(
             self.config.key(),
@@ -112,6 +117,16 @@ class Agent:
         for t in tasks:
             t.cancel()
 
+    async def _remove_stale_farms(self) -> None:
+        """Undo the kernel changes of farm modules that a crashed run left and that are no
+        longer configured here (configured ones are cleaned by their runner)."""
+        farm_dir = self.config.cluster.state_dir / "farm"
+        for name in await asyncio.to_thread(farm_net.leftover_modules, farm_dir):
+            if name in self.modules:
+                continue
+            for line in await asyncio.to_thread(farm_net.teardown, name, farm_dir):
+                log.info("farm module %s (no longer configured): removed %s", name, line)
+
     async def _shutdown(self) -> None:
         """Stop every running module (handing over to the peer), keeping it wanted for the next
         start of the agent; give up after the scripts' timeouts."""
@@ -120,20 +135,17 @@ class Agent:
         for runner in self.modules.values():
             with contextlib.suppress(Exception):
                 runner.step(Command(Verb.STOP))
-        deadline = self.clock() + max(
-            (
-                r.module.script_timeout("stop_prim") + r.module.script_timeout("poststop")
-                for r in self.modules.values()
-            ),
-            default=0,
-        )
+        deadline = self.clock() + max((_stop_time(r) for r in self.modules.values()), default=0)
         while self.clock() < deadline and any(  # noqa: ASYNC110 - polls every runner
             r.published.state != State.STOP for r in self.modules.values()
         ):
             await asyncio.sleep(0.05)
         for name in wanted:  # a service stop is not an operator stop: start again at boot
             r = self.modules[name]
-            r.store.save_module(name, dataclasses.replace(r.durable, wanted=True))
+            if isinstance(r, FarmRunner):
+                r.store.save_farm(name, dataclasses.replace(r.durable, wanted=True))
+            else:
+                r.store.save_module(name, dataclasses.replace(r.durable, wanted=True))
         if self.api:
             await self.api.close()
         if self.transport:
@@ -149,7 +161,7 @@ class Agent:
             for change in self.tracker.tick(now):
                 log.warning("peer %s lost: no heartbeat for %.1f s", change.node, change.silent_for)
                 for runner in self.modules.values():
-                    if runner.peer == change.node:
+                    if change.node in runner.peers:
                         self._safe_step(runner, PeerLost(change.node, change.silent_for))
             for runner in self.modules.values():
                 self._safe_step(runner, Tick())
@@ -165,9 +177,17 @@ class Agent:
     def _send_heartbeat(self) -> None:
         assert self.transport is not None
         self.seq += 1
-        statuses = {ModuleName(n): r.published for n, r in self.modules.items()}
-        acks = {ModuleName(n): r.published_ack for n, r in self.modules.items()}
-        body = payload.encode(statuses, acks)
+        mirrors = {n: r for n, r in self.modules.items() if isinstance(r, ModuleRunner)}
+        farms = {n: r for n, r in self.modules.items() if isinstance(r, FarmRunner)}
+        body = payload.encode(
+            {ModuleName(n): r.published for n, r in mirrors.items()},
+            {ModuleName(n): r.published_ack for n, r in mirrors.items()},
+        )
+        if farms:
+            body |= farm_payload.encode(
+                {ModuleName(n): r.published for n, r in farms.items()},
+                {ModuleName(n): r.published_ack for n, r in farms.items()},
+            )
         env = Envelope(self.config.cluster.name, self.node, self.incarnation, self.seq, body)
         self.transport.send(env)
 
@@ -182,13 +202,18 @@ class Agent:
                 env.incarnation,
                 network,
             )
+        sender = NodeId(env.sender)
         try:
-            received = payload.decode(env.payload, NodeId(env.sender), self.incarnation)
+            received = payload.decode(env.payload, sender, self.incarnation)
+            farms = farm_payload.decode(env.payload, sender, NodeId(self.node), self.incarnation)
         except payload.PayloadError as exc:
             log.warning("heartbeat from %s dropped: bad payload: %s", env.sender, exc)
             return
         for name, runner in self.modules.items():
-            if runner.peer != env.sender:
+            if sender not in runner.peers:
+                continue
+            if isinstance(runner, FarmRunner):
+                self._farm_heard(runner, name, sender, env.incarnation, farms)
                 continue
             entry = received.get(ModuleName(name))
             if entry is None:
@@ -208,7 +233,26 @@ class Agent:
             runner.received_ack = payload.Ack(env.incarnation, entry.version)
             self._safe_step(runner, PeerHeard(entry.status))
 
-    def _safe_step(self, runner: ModuleRunner, event: Any) -> None:
+    def _farm_heard(
+        self,
+        runner: FarmRunner,
+        name: str,
+        sender: NodeId,
+        incarnation: int,
+        farms: dict[ModuleName, tuple[FarmPeerStatus, int]],
+    ) -> None:
+        got = farms.get(ModuleName(name))
+        if got is None:  # the peer does not run this module: it claims nothing
+            status = FarmPeerStatus(
+                sender, State.STOP, False, frozenset(), 0, runner.machine.status.version
+            )
+            runner.received_acks[sender] = payload.Ack(incarnation, 0)
+        else:
+            status, version = got
+            runner.received_acks[sender] = payload.Ack(incarnation, version)
+        self._safe_step(runner, FarmPeerHeard(status))
+
+    def _safe_step(self, runner: ModuleRunner | FarmRunner, event: Any) -> None:
         try:
             runner.step(event)
         except Exception:
@@ -227,6 +271,9 @@ class Agent:
             }
         modules: dict[str, dict[str, Any]] = {}
         for name, r in self.modules.items():
+            if isinstance(r, FarmRunner):
+                modules[name] = r.view()
+                continue
             st = r.published
             peer_status = r.machine.peer
             modules[name] = {
@@ -262,3 +309,16 @@ class Agent:
             "heartbeat": counters,
             "modules": modules,
         }
+
+
+def _stop_time(runner: ModuleRunner | FarmRunner) -> float:
+    """The longest a clean stop of the module may take (its scripts' timeouts, the drain)."""
+    m = runner.module
+    if isinstance(runner, FarmRunner):
+        assert m.config.farm is not None
+        return (
+            m.config.farm.drain_timeout
+            + m.script_timeout("stop_both")
+            + m.script_timeout("poststop")
+        )
+    return m.script_timeout("stop_prim") + m.script_timeout("poststop")

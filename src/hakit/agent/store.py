@@ -11,6 +11,7 @@ import json
 import logging
 from pathlib import Path
 
+from hakit.core.farm import FarmDurable
 from hakit.core.mirror import Durable
 from hakit.model import State
 from hakit.system.durable import write_atomic
@@ -66,4 +67,20 @@ class Store:
             "primary_epoch": record.primary_epoch,
             "peer_generation_seen": record.peer_generation_seen,
         }
+        write_atomic(self._module_path(module), json.dumps(data, sort_keys=True) + "\n")
+
+    def load_farm(self, module: str) -> FarmDurable:
+        """A farm module's last record (wanted, state), or STOP and not wanted."""
+        path = self._module_path(module)
+        try:
+            raw = json.loads(path.read_text())
+            return FarmDurable(wanted=bool(raw["wanted"]), state=State(raw["state"]))
+        except FileNotFoundError:
+            return FarmDurable(wanted=False, state=State.STOP)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.error("module %s: unreadable record %s (%s): starting from STOP", module, path, exc)
+            return FarmDurable(wanted=False, state=State.STOP)
+
+    def save_farm(self, module: str, record: FarmDurable) -> None:
+        data = {"mode": "farm", "wanted": record.wanted, "state": record.state.value}
         write_atomic(self._module_path(module), json.dumps(data, sort_keys=True) + "\n")
