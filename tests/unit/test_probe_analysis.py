@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 from hakit.errors import LabError
 from hakit.lab.probe import Record, _parse_answer, analyze, check_target
+from hakit.lab.streams import Stream, summarize
 
 PERIOD = 0.01
 
@@ -143,3 +144,32 @@ def test_targets_in_the_test_networks_are_accepted(target: str) -> None:
 def test_targets_outside_the_test_networks_are_refused(target: str) -> None:
     with pytest.raises(LabError):
         check_target(target)
+
+
+def test_client_addresses_answered_by_two_nodes_are_listed() -> None:
+    records = [
+        Record(0.00, 0.01, "n1", source="192.0.2.200"),
+        Record(0.01, 0.02, "n2", source="192.0.2.201"),
+        Record(0.02, 0.03, "n1", source="192.0.2.200"),
+        Record(0.03, 0.04, "n3", source="192.0.2.201"),
+        Record(0.04, error="timeout", source="192.0.2.202"),
+    ]
+
+    a = analyze(records, 0.01)
+
+    assert a.sources == 3
+    assert a.split_sources == ["192.0.2.201"]
+
+
+def test_stream_summary_counts_intact_broken_and_mixed_streams() -> None:
+    streams = [
+        Stream("192.0.2.200", {"n1"}, 50, ended=True),
+        Stream("192.0.2.201", {"n2"}, 12, ended=False, error="ConnectionResetError"),
+        Stream("192.0.2.202", {"n1", "n3"}, 50, ended=True),
+    ]
+
+    s = summarize(streams)
+
+    assert (s.count, s.intact, s.broken, s.mixed) == (3, 1, 1, 1)
+    assert s.per_node == {"n1": 2, "n2": 1, "n3": 1}
+    assert s.errors == {"ConnectionResetError": 1}

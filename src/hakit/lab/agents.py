@@ -88,6 +88,32 @@ def wait_pair(lab: Lab, module: str, timeout: float = 30.0) -> tuple[str, str]:
     return result
 
 
+def farm_buckets(lab: Lab, module: str) -> dict[str, int]:
+    """Buckets each answering node's filter accepts now (farm modules), by node."""
+    out: dict[str, int] = {}
+    for node in lab.state().nodes:
+        v = view(lab, node)
+        m = v["modules"].get(module) if v else None
+        if m is not None and m["state"] == "UP":
+            out[node] = int(m["farm"]["buckets"])
+    return out
+
+
+def wait_farm(lab: Lab, module: str, nodes: list[str], timeout: float = 30.0) -> float:
+    """Wait until exactly ``nodes`` are UP and together own all 256 buckets."""
+
+    def placed() -> bool:
+        shares = farm_buckets(lab, module)
+        return (
+            sorted(shares) == sorted(nodes) and sum(shares.values()) == 256 and all(shares.values())
+        )
+
+    try:
+        return wait_for(f"{module} UP on {nodes} with 256 buckets placed", placed, timeout)
+    except LabError as exc:
+        raise LabError(f"{exc}; now {farm_buckets(lab, module)}") from None
+
+
 def command_all(lab: Lab, module: str, verb: str, nodes: list[str] | None = None) -> None:
     """Send ``verb`` to every node at the same instant (one thread each)."""
     targets = nodes or [n for n, s in lab.state().nodes.items() if s.powered]

@@ -67,6 +67,12 @@ def add_lab_parser(sub: Any) -> None:
     pr = ls.add_parser("probe", help="the client calls the VIP every 10 ms and reports outages")
     pr.add_argument("--seconds", type=float, default=10.0)
     pr.add_argument("--target", default=None, help="ADDRESS:PORT (default: first module's VIP)")
+    pr.add_argument(
+        "--sources",
+        type=int,
+        default=0,
+        help="send from N client addresses in turn (farm: shows the share of each node)",
+    )
     pr.add_argument("--json", action="store_true")
     ls.add_parser("demo", help="guided tour: failover, rejoin, swap (what `make demo` runs)")
 
@@ -124,7 +130,7 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
         console.print(f"{args.node}: {cmd} done")
         return 0
     if cmd == "probe":
-        analysis = lab.probe(args.seconds, target=args.target)
+        analysis = lab.probe(args.seconds, target=args.target, sources=args.sources)
         if args.json:
             print(json.dumps(analysis.to_dict(), indent=2))
         else:
@@ -138,11 +144,16 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
 
 
 def start_modules(lab: Lab, console: Console) -> None:
-    """`hakit start -m M` on every node at the same instant, then wait for PRIM + SECOND."""
+    """`hakit start -m M` on every node at the same instant, then wait for PRIM + SECOND
+    (mirror modules) or for every node UP with all buckets placed (farm modules)."""
     state = lab.state()
     for spec in state.modules:
         agents.command_all(lab, spec.name, "start")
     for spec in state.modules:
+        if spec.template.startswith("farm"):
+            with console.status(f"waiting for {spec.name} to be UP on every node…"):
+                agents.wait_farm(lab, spec.name, list(state.nodes), timeout=30)
+            continue
         with console.status(f"waiting for {spec.name} to be PRIM + SECOND…"):
             agents.wait_pair(lab, spec.name, timeout=30)
 

@@ -6,6 +6,9 @@
 * ``POST /append`` with one line as body appends that line to ``DATA/records.log``, fsyncs the
   file, then answers 200 with the node name: when the client has its answer, the record is on
   disk (the replication tests rely on this order).
+* ``GET /stream?seconds=S`` keeps the connection open for S seconds (at most 600): a line with
+  the node name every 100 ms, then ``end``. The lab's stream client
+  (:mod:`hakit.lab.streams`) uses it to see whether long-lived connections survive a change.
 * SIGTERM (and SIGINT) stop it cleanly: the listening socket closes, exit status 0.
 
 It binds ``--bind`` (default 0.0.0.0) with SO_REUSEADDR, so a restart right after a stop works.
@@ -24,6 +27,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -32,6 +36,8 @@ from types import FrameType
 log = logging.getLogger("hakit.lab.demo_app")
 
 MAX_RECORD = 64 * 1024  # bytes accepted in one POST /append
+MAX_STREAM_SECONDS = 600.0
+STREAM_PERIOD = 0.1
 
 
 class DemoServer(ThreadingHTTPServer):
@@ -63,10 +69,37 @@ class DemoHandler(BaseHTTPRequestHandler):
     server_version = "hakit-demo/1"
 
     def do_GET(self) -> None:
-        if self.path.split("?", 1)[0] != "/":
+        path, _, query = self.path.partition("?")
+        if path == "/stream":
+            self._stream(query)
+            return
+        if path != "/":
             self._answer(404, b"not found\n")
             return
         self._answer(200, f"{self.server.node}\n".encode())
+
+    def _stream(self, query: str) -> None:
+        try:
+            seconds = float(query.removeprefix("seconds="))
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds <= MAX_STREAM_SECONDS:
+            self._answer(400, b"seconds=S with 0 < S <= 600\n")
+            return
+        self.send_response(200)
+        self.send_header("X-Node", self.server.node)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.end_headers()
+        line = f"{self.server.node}\n".encode()
+        end = time.monotonic() + seconds
+        try:
+            while time.monotonic() < end:
+                self.wfile.write(line)
+                self.wfile.flush()
+                time.sleep(STREAM_PERIOD)
+            self.wfile.write(b"end\n")
+        except OSError:
+            return  # the client went away
 
     def do_POST(self) -> None:
         if self.path != "/append":

@@ -66,6 +66,8 @@ CLIENT_HOST = 50  # last octet of the client's addresses
 MAX_NODES = 39  # node i has host number 10+i, below the client's 50
 MAX_MODULES = 100  # VIPs 192.0.2.100 .. 192.0.2.199
 FIRST_VIP_HOST = 100
+FIRST_SOURCE_HOST = 200  # extra client addresses for farm probes: 192.0.2.200 ..
+MAX_CLIENT_SOURCES = 50
 FIRST_APP_PORT = 8080
 FIRST_REPLICATION_PORT = 7420  # module k's secondary listens on 7420 + k
 _DURATION = re.compile(r"^\d+(\.\d+)?(ms|s)$")
@@ -451,6 +453,7 @@ class Lab:
                     "data_dir": str(data),
                     "run_dir": str(base / "run"),
                     "python": self.python,
+                    "templates": str(self.templates),
                 }
                 render_template(
                     self.templates / spec.template, self.module_dir(node, spec.name), values
@@ -650,17 +653,34 @@ class Lab:
             )
         return LabStatus(True, str(self.root), namespaces, state.networks, hosts, state.modules)
 
+    def client_sources(self, count: int) -> list[str]:
+        """``count`` extra client addresses (192.0.2.200 upwards, at most 50), added to the
+        client's interface if missing: many clients for a farm's load balancing."""
+        if not 0 < count <= MAX_CLIENT_SOURCES:
+            raise LabError(f"sources: 1 to {MAX_CLIENT_SOURCES} client addresses")
+        net = netns.NETWORKS[0]
+        have = {a.partition("/")[0] for a in netns.links(netns.CLIENT_NS)["eth0"].addresses}
+        out = []
+        for k in range(count):
+            cidr = net.address(FIRST_SOURCE_HOST + k)
+            if cidr.partition("/")[0] not in have:
+                netns.add_address(netns.CLIENT_NS, "eth0", cidr)
+            out.append(cidr.partition("/")[0])
+        return out
+
     def probe(
         self,
         seconds: float,
         target: str | None = None,
         period: float = 0.01,
         request_timeout: float = 1.0,
+        sources: int = 0,
     ) -> Analysis:
         """Probe from the client: one new-connection ``GET /`` every ``period`` for
         ``seconds`` against ``target`` (``ADDRESS:PORT``; default: the first module's VIP and
         port); return the analysis. Blocks; call it from a thread to inject faults meanwhile
-        (record times are CLOCK_MONOTONIC, comparable with ``time.monotonic()`` here)."""
+        (record times are CLOCK_MONOTONIC, comparable with ``time.monotonic()`` here).
+        ``sources``: send from that many client addresses in turn (:meth:`client_sources`)."""
         state = self.state()
         if target is None:
             if not state.modules:
@@ -675,6 +695,8 @@ class Lab:
         argv = [self.python, "-m", "hakit.lab.probe", "--target", target]
         argv += ["--seconds", str(seconds), "--period", str(period)]
         argv += ["--timeout", str(request_timeout), "--records", str(records_file), "--json"]
+        if sources:
+            argv += ["--sources", ",".join(self.client_sources(sources))]
         try:
             self.run_in(CLIENT, argv, timeout=seconds + request_timeout + 30, check=True)
             records = _read_records(records_file.read_text(encoding="utf-8").splitlines())

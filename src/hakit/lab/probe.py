@@ -53,6 +53,7 @@ class Record:
     received: float | None = None  # None: no valid answer
     node: str | None = None  # node that answered, None on failure
     error: str | None = None  # e.g. "timeout", "ConnectionRefusedError", "HTTP 503"
+    source: str | None = None  # client address the request was sent from (--sources)
 
     @property
     def ok(self) -> bool:
@@ -68,6 +69,7 @@ class Record:
             received=opt_float(data.get("received")),
             node=None if data.get("node") is None else str(data["node"]),
             error=None if data.get("error") is None else str(data["error"]),
+            source=None if data.get("source") is None else str(data["source"]),
         )
 
 
@@ -104,6 +106,9 @@ class Analysis:
     interleaved: bool = False  # two nodes' answers overlap in time (both served at once)
     leading_failed: int = 0  # failures before the first success (service not up yet)
     trailing_failed: int = 0  # failures after the last success (service never came back)
+    sources: int = 0  # distinct client addresses (--sources; 0: the default address only)
+    # client addresses answered by more than one node (a farm with client-ip affinity: 0)
+    split_sources: list[str] = field(default_factory=list)
 
     @property
     def switch_count(self) -> int:
@@ -161,7 +166,18 @@ def analyze(records: Iterable[Record], period: float) -> Analysis:
         interleaved=_overlap(list(spans.values())),
         leading_failed=successes[0][0] if successes else len(rows),
         trailing_failed=len(rows) - 1 - successes[-1][0] if successes else 0,
+        sources=len({r.source for r in rows if r.source is not None}),
+        split_sources=_split_sources(r for _, r in successes),
     )
+
+
+def _split_sources(successes: Iterable[Record]) -> list[str]:
+    """Client addresses whose requests were answered by more than one node."""
+    nodes: dict[str, set[str]] = {}
+    for r in successes:
+        if r.source is not None and r.node is not None:
+            nodes.setdefault(r.source, set()).add(r.node)
+    return sorted(src for src, seen in nodes.items() if len(seen) > 1)
 
 
 def _overlap(spans: list[tuple[float, float]]) -> bool:
@@ -188,7 +204,13 @@ def format_summary(a: Analysis) -> str:
             f"  gap {g.seconds * 1000:.0f} ms at +{g.start - t0:.3f} s "
             f"({g.before} -> {g.after}, {g.lost} lost)"
         )
-    if a.switches:
+    if a.sources:
+        total = sum(a.per_node.values()) or 1
+        shares = ", ".join(f"{n} {c / total:.0%}" for n, c in sorted(a.per_node.items()))
+        lines.append(f"{a.sources} client addresses; share per node: {shares}")
+        if a.split_sources:
+            lines.append(f"answered by several nodes: {', '.join(a.split_sources)}")
+    elif a.switches:
         flag = " INTERLEAVED (two nodes answered at the same time)" if a.interleaved else ""
         lines.append(f"answering nodes: {' -> '.join(a.switches)}{flag}")
     if a.leading_failed:
@@ -220,21 +242,24 @@ def check_target(target: str) -> tuple[str, int]:
     return str(ip), port
 
 
-async def _request(host: str, port: int, request_timeout: float) -> Record:
+async def _request(
+    host: str, port: int, request_timeout: float, source: str | None = None
+) -> Record:
     sent = time.monotonic()
     writer: asyncio.StreamWriter | None = None
+    local = None if source is None else (source, 0)
     try:
         async with asyncio.timeout(request_timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(host, port, local_addr=local)
             writer.write(f"GET / HTTP/1.0\r\nHost: {host}:{port}\r\n\r\n".encode())
             data = b""
             while len(data) < 65536 and (chunk := await reader.read(65536)):
                 data += chunk
         received = time.monotonic()
     except TimeoutError:
-        return Record(sent, error="timeout")
+        return Record(sent, error="timeout", source=source)
     except OSError as exc:
-        return Record(sent, error=type(exc).__name__)
+        return Record(sent, error=type(exc).__name__, source=source)
     finally:
         if writer is not None:
             writer.close()
@@ -242,8 +267,8 @@ async def _request(host: str, port: int, request_timeout: float) -> Record:
                 await writer.wait_closed()
     node, error = _parse_answer(data)
     if node is None:
-        return Record(sent, error=error)
-    return Record(sent, received, node)
+        return Record(sent, error=error, source=source)
+    return Record(sent, received, node, source=source)
 
 
 def _parse_answer(data: bytes) -> tuple[str | None, str]:
@@ -264,9 +289,16 @@ def _parse_answer(data: bytes) -> tuple[str | None, str]:
 
 
 async def probe(
-    host: str, port: int, seconds: float, period: float, request_timeout: float = 1.0
+    host: str,
+    port: int,
+    seconds: float,
+    period: float,
+    request_timeout: float = 1.0,
+    *,
+    sources: Sequence[str] = (),
 ) -> list[Record]:
     """Send one request every ``period`` for ``seconds``; return every record, in send order.
+    With ``sources``, request k is sent from ``sources[k % len(sources)]``.
 
     Waits for the requests still in flight (at most ``request_timeout`` after the last send).
     """
@@ -281,7 +313,8 @@ async def probe(
         delay = start + slot * period - time.monotonic()
         if delay > 0:
             await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(_request(host, port, request_timeout)))
+        source = sources[len(tasks) % len(sources)] if sources else None
+        tasks.append(asyncio.create_task(_request(host, port, request_timeout, source)))
         # behind schedule (noisy machine): skip the missed slots instead of bursting
         slot = max(slot + 1, math.floor((time.monotonic() - start) / period))
     return list(await asyncio.gather(*tasks))
@@ -297,13 +330,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1.0, help="seconds per request")
     parser.add_argument("--json", action="store_true", help="print the analysis as JSON")
     parser.add_argument("--records", type=Path, help="also write every record (JSON lines)")
+    parser.add_argument(
+        "--sources", default="", help="comma-separated client addresses to send from, in turn"
+    )
     args = parser.parse_args(argv)
     with contextlib.suppress(ValueError, OSError):  # many requests in flight at small periods
         _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     try:
         host, port = check_target(args.target)
-        records = asyncio.run(probe(host, port, args.seconds, args.period, args.timeout))
+        sources = [a for a in args.sources.split(",") if a]
+        for src in sources:
+            check_target(f"{src}:1")
+        records = asyncio.run(
+            probe(host, port, args.seconds, args.period, args.timeout, sources=sources)
+        )
     except LabError as exc:
         print(f"probe: {exc}", file=sys.stderr)
         return 2
