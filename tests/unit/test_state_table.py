@@ -1,0 +1,45 @@
+"""The state table of `hakit state`: a farm row shows the share, the members and counters."""
+
+from __future__ import annotations
+
+import io
+
+from rich.console import Console
+
+from hakit.cli import farm_cells, state_table
+
+
+def farm_view() -> dict[str, object]:
+    return {
+        "mode": "farm",
+        "state": "UP",
+        "colour": "green",
+        "reason": "UP 86/256: members n1 n2 n3",
+        "since": 0,
+        "farm": {
+            "buckets": 86,
+            "shares": {"n1": 86, "n2": 85, "n3": 85},
+            "arp": True,
+            "counters": {"new": 12, "dropped": 30},
+        },
+    }
+
+
+def test_a_farm_row_shows_share_members_and_packet_counters() -> None:
+    state, _since, members, packets, reason = farm_cells(farm_view())
+
+    assert "UP 86/256" in state and "answers ARP" in state
+    assert members == "members n1:86 n2:85 n3:85"
+    assert packets == "dropped 30, new 12"
+    assert reason.startswith("UP 86/256")
+
+
+def test_the_table_renders_farm_and_mirror_rows_together() -> None:
+    mirror = {"state": "PRIM", "colour": "green", "reason": "in sync", "peer": "n2"}
+    out = io.StringIO()
+    Console(file=out, width=200).print(
+        state_table("n1", {"web": farm_view(), "db": mirror}, {"n2": {"alive": True}})
+    )
+
+    text = out.getvalue()
+    assert "UP 86/256" in text and "PRIM" in text and "members n1:86" in text
