@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from hakit.core.diagram import render
+from hakit.core.diagram import render, render_farm
 from hakit.core.mirror_table import SCRIPT_OF, TABLE
 from hakit.model import State
 
@@ -19,3 +19,10 @@ def test_every_state_but_up_is_reachable_and_every_target_has_a_row() -> None:
     assert targets <= set(TABLE)
     assert set(TABLE) - targets <= {State.STOP}
     assert set(SCRIPT_OF) <= set(TABLE)
+
+
+def test_committed_farm_diagram_matches_the_farm_table() -> None:
+    committed = Path(__file__).parents[2] / "docs" / "farm-state-diagram.md"
+    assert committed.read_text() == render_farm(), (
+        "regenerate: python -m hakit.core.diagram farm > docs/farm-state-diagram.md"
+    )
