@@ -99,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
         v.add_argument("-m", "--module", required=True)
         v.add_argument("--json", action="store_true")
 
+    fs = sub.add_parser(
+        "fullsync",
+        help="resynchronise the secondary completely: compare both trees block by block and "
+        "send every difference, while the application runs (on the primary)",
+    )
+    fs.add_argument("-m", "--module", required=True)
+
     lg = sub.add_parser("log", help="the module's log on this node")
     lg.add_argument("-m", "--module", required=True)
     lg.add_argument("-n", "--lines", type=int, default=50)
@@ -153,6 +160,14 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return _verb(args, console)
     if args.command in ("verify", "diff"):
         return _compare(args, console)
+    if args.command == "fullsync":
+        try:
+            answer = client_for(args).fullsync(args.module)
+        except CommandRefusedByAgent as exc:
+            Console(stderr=True).print(f"[red]refused:[/red] {exc}")
+            return EXIT_ERROR
+        console.print(f"{args.module}: {answer['detail']}; follow it with `hakit state`")
+        return 0
     if args.command == "log":
         sys.stdout.write(client_for(args).log(args.module, args.lines))
         return 0

@@ -150,3 +150,21 @@ def test_a_clean_leave_drains_open_connections(lab: Lab) -> None:
     agents.wait_states(lab, MODULE, {"n3": "STOP"}, timeout=30)
     seen = lab.probe(1.0, sources=SOURCES)
     assert seen.failed == 0 and "n3" not in seen.per_node, seen.per_node
+
+
+def test_a_failing_checker_takes_the_node_out_until_it_recovers(lab: Lab) -> None:
+    pidfile = lab.root / "n3" / "run" / f"{MODULE}.pid"
+    pid = int(pidfile.read_text())
+    lab.run_in("n3", ["kill", "-KILL", str(pid)], check=True)  # the demo application of n3
+
+    agents.wait_farm(lab, MODULE, ["n1", "n2"], timeout=15)
+    assert agents.module_states(lab, MODULE)["n3"] == "WAIT"
+    seen = lab.probe(1.0, sources=SOURCES)
+    assert seen.failed == 0 and "n3" not in seen.per_node, seen.per_node
+
+    start_both = lab.module_dir("n3", MODULE) / "start_both"
+    lab.run_in("n3", [str(start_both), "WAIT", "UP"], check=True)  # the operator repairs it
+
+    agents.wait_farm(lab, MODULE, NODES, timeout=15)
+    seen = lab.probe(1.0, sources=SOURCES)
+    assert seen.failed == 0 and seen.per_node.get("n3", 0) > 0, seen.per_node

@@ -199,3 +199,10 @@ def test_verify_finds_silent_corruption_that_diff_cannot(pair: Pair) -> None:
     report = _compare(pair.a, "verify")
     assert report["differences"] == 1, report
     assert "d3/f00013" in str(report["examples"]), report
+
+    # the operator's fullsync repairs it: a full compare sends the differing block
+    since = pair.a.mark()
+    assert "full compare" in str(_compare(pair.a, "fullsync")["detail"])
+    pair.a.wait_alone(30, since)
+    pair.a.wait_in_sync(60, since)
+    assert _compare(pair.a, "verify")["differences"] == 0

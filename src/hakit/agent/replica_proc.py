@@ -136,6 +136,13 @@ class ReplicaProcess:
         answer = await self._call(self.proc, {"cmd": "verify" if checksums else "diff"}, timeout)
         return answer or {"ok": False, "error": "the replicator did not answer"}
 
+    async def fullsync(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Have the primary's replicator resynchronise the secondary completely; its answer."""
+        if self.proc is None or self.proc.returncode is not None:
+            return {"ok": False, "error": "no replicator running on this node"}
+        answer = await self._call(self.proc, {"cmd": "fullsync"}, timeout)
+        return answer or {"ok": False, "error": "the replicator did not answer"}
+
     async def _call(
         self, proc: asyncio.subprocess.Process, obj: dict[str, Any], timeout: float
     ) -> dict[str, Any] | None:

@@ -78,6 +78,13 @@ class AgentClient:
             raise CommandRefusedByAgent(answer.get("error", f"agent answered {status}"))
         return answer
 
+    def fullsync(self, module: str) -> dict[str, Any]:
+        status, data = self.request("POST", f"/modules/{module}/replication/fullsync", {})
+        answer: dict[str, Any] = json.loads(data)
+        if status != 200:
+            raise CommandRefusedByAgent(answer.get("error", f"agent answered {status}"))
+        return answer
+
     def log(self, module: str, lines: int) -> str:
         status, data = self.request("GET", f"/modules/{module}/log?lines={lines}")
         if status != 200:

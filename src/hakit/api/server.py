@@ -46,6 +46,7 @@ class ApiServer:
                 web.post("/modules/{module}/{verb}", self._command),
                 web.get("/modules/{module}/log", self._log),
                 web.get("/modules/{module}/compare", self._compare),
+                web.post("/modules/{module}/replication/fullsync", self._fullsync),
             ]
         )
         health = web.Application()
@@ -120,6 +121,18 @@ class ApiServer:
         answer = await runner.replica.compare(request.query.get("checksums") == "1")
         if not answer.get("ok"):
             return _error(409, f"cannot compare: {answer.get('error')} (run it on the primary)")
+        return web.json_response(answer["report"])
+
+    async def _fullsync(self, request: web.Request) -> web.Response:
+        runner = self.agent.modules.get(request.match_info["module"])
+        if runner is None:
+            return _error(404, f"no module {request.match_info['module']!r} on this node")
+        if runner.replica is None:
+            return _error(409, f"module {runner.name} replicates no directory")
+        answer = await runner.replica.fullsync()
+        if not answer.get("ok"):
+            return _error(409, f"cannot resync: {answer.get('error')} (run it on the primary)")
+        runner.note(f"full resync asked by the operator: {answer['report']['detail']}")
         return web.json_response(answer["report"])
 
     async def _ready(self, request: web.Request) -> web.Response:

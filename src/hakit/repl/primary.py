@@ -144,6 +144,23 @@ class PrimaryReplicator:
         if self.journal.active:
             self.journal.flush_ranges()
 
+    def full_resync(self, reason: str) -> str:
+        """The operator's ``fullsync``: compare both trees completely (size, mtime, then block
+        checksums) and send every difference, while the application keeps writing.
+
+        The link to the secondary is dropped and the journal marked full (durably) under the
+        order lock, exactly as if the secondary had been lost: from here on every change is
+        tracked, the generation moves on, and the reconnection runs a full resync. Returns what
+        happens, for the operator."""
+        with self.order:
+            link = self.link
+            self._degrade_locked(reason)
+            self.journal.force_full()
+        if link is not None:
+            link.close(reason)
+            return "secondary disconnected: a full compare starts when it reconnects (at once)"
+        return "no secondary connected: a full compare runs when it connects"
+
     # ------------------------------------------------------------------ file-system API
     def excluded(self, root: int, path: bytes) -> bool:
         return path != b"." and self.exclusions[root].excluded(path)

@@ -107,6 +107,16 @@ class Replicator:
             self._become_secondary()
         self.role = role
 
+    def fullsync(self, cmd: dict[str, Any]) -> None:
+        """Start a full resync of the secondary (see PrimaryReplicator.full_resync)."""
+        prim = self.primary
+        if prim is None:
+            self.emit({"ev": "report", "id": cmd.get("id"), "ok": False, "error": "not primary"})
+            return
+        detail = prim.full_resync("full resync asked by the operator")
+        log.info("fullsync: %s", detail)
+        self.emit({"ev": "report", "id": cmd.get("id"), "ok": True, "report": {"detail": detail}})
+
     def compare(self, cmd: dict[str, Any]) -> None:
         """``verify``/``diff`` (see :mod:`hakit.repl.verify`); answers ``{"ev": "report"}``."""
         from hakit.repl.verify import compare  # noqa: PLC0415
@@ -302,6 +312,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         if cmd.get("cmd") in ("verify", "diff"):
             threading.Thread(target=rep.compare, args=(cmd,), daemon=True).start()
+        elif cmd.get("cmd") == "fullsync":
+            threading.Thread(target=rep.fullsync, args=(cmd,), daemon=True).start()
         elif cmd.get("cmd") == "ping":
             rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
         elif cmd.get("cmd") == "role":
