@@ -256,8 +256,16 @@ def farm_cells(m: dict[str, Any]) -> tuple[str, str, str, str, str]:
     since = time.strftime("%H:%M:%S", time.localtime(m["since"])) if m.get("since") else ""
     shares = farm.get("shares", {})
     members = " ".join(f"{n}:{k}" for n, k in sorted(shares.items())) or "none"
-    counters = farm.get("counters") or {}
-    packets = ", ".join(f"{k} {v}" for k, v in sorted(counters.items())) or "-"
+    per_node = farm.get("node_counters") or {}
+    packets = (
+        "\n".join(
+            f"{node}: new {c.get('new', 0)}, est {c.get('established', 0)}, "
+            f"drop {c.get('dropped', 0)}"
+            for node, c in sorted(per_node.items())
+            if c
+        )
+        or "-"
+    )
     arp = " (answers ARP)" if farm.get("arp") else ""
     state = f"[{m['colour']}]{m['state']} {farm.get('buckets', 0)}/256[/]{arp}"
     return state, since, f"members {members}", packets, m.get("reason", "")

@@ -41,9 +41,7 @@ def test_a_status_comes_back_as_sent_with_the_receivers_acknowledgement(
 
 
 def test_an_acknowledgement_of_an_older_incarnation_or_none_is_minus_one() -> None:
-    body = farm_payload.encode(
-        {WEB: status(frozenset({1}))}, {WEB: ((NodeId("n2"), Ack(4, 3)),)}
-    )
+    body = farm_payload.encode({WEB: status(frozenset({1}))}, {WEB: ((NodeId("n2"), Ack(4, 3)),)})
 
     assert farm_payload.decode(body, NodeId("n1"), NodeId("n2"), 5)[WEB][0].acked_version == -1
     assert farm_payload.decode(body, NodeId("n1"), NodeId("n3"), 4)[WEB][0].acked_version == -1
@@ -84,3 +82,14 @@ def test_a_malformed_acknowledgement_for_me_drops_the_heartbeat() -> None:
 
     with pytest.raises(PayloadError):
         farm_payload.decode({"farms": {"web": entry}}, NodeId("n1"), NodeId("n2"), 1)
+
+
+def test_packet_counters_ride_along_for_display_and_bad_ones_are_skipped() -> None:
+    body = farm_payload.encode(
+        {WEB: status(frozenset({1}))}, {WEB: ()}, {WEB: {"new": 5, "dropped": 2}}
+    )
+
+    assert farm_payload.decode_counters(body) == {WEB: {"new": 5, "dropped": 2}}
+    body["farms"]["web"]["ctr"] = {"new": -1, "x": "y", "ok": 3}
+    assert farm_payload.decode_counters(body) == {WEB: {"ok": 3}}
+    assert farm_payload.decode_counters({"farms": []}) == {}

@@ -21,6 +21,11 @@ def farm_view() -> dict[str, object]:
             "shares": {"n1": 86, "n2": 85, "n3": 85},
             "arp": True,
             "counters": {"new": 12, "dropped": 30},
+            "node_counters": {
+                "n1": {"new": 12, "established": 50, "dropped": 30},
+                "n2": {"new": 9, "established": 40, "dropped": 33},
+                "n3": {},
+            },
         },
     }
 
@@ -30,7 +35,10 @@ def test_a_farm_row_shows_share_members_and_packet_counters() -> None:
 
     assert "UP 86/256" in state and "answers ARP" in state
     assert members == "members n1:86 n2:85 n3:85"
-    assert packets == "dropped 30, new 12"
+    assert packets.splitlines() == [
+        "n1: new 12, est 50, drop 30",
+        "n2: new 9, est 40, drop 33",
+    ]
     assert reason.startswith("UP 86/256")
 
 

@@ -187,6 +187,7 @@ class Agent:
             body |= farm_payload.encode(
                 {ModuleName(n): r.published for n, r in farms.items()},
                 {ModuleName(n): r.published_ack for n, r in farms.items()},
+                {ModuleName(n): r.counters for n, r in farms.items()},
             )
         env = Envelope(self.config.cluster.name, self.node, self.incarnation, self.seq, body)
         self.transport.send(env)
@@ -206,6 +207,7 @@ class Agent:
         try:
             received = payload.decode(env.payload, sender, self.incarnation)
             farms = farm_payload.decode(env.payload, sender, NodeId(self.node), self.incarnation)
+            counters = farm_payload.decode_counters(env.payload)
         except payload.PayloadError as exc:
             log.warning("heartbeat from %s dropped: bad payload: %s", env.sender, exc)
             return
@@ -213,7 +215,13 @@ class Agent:
             if sender not in runner.peers:
                 continue
             if isinstance(runner, FarmRunner):
-                self._farm_heard(runner, name, sender, env.incarnation, farms)
+                self._farm_heard(
+                    runner,
+                    sender=sender,
+                    incarnation=env.incarnation,
+                    got=farms.get(ModuleName(name)),
+                    counters=counters.get(ModuleName(name), {}),
+                )
                 continue
             entry = received.get(ModuleName(name))
             if entry is None:
@@ -236,12 +244,13 @@ class Agent:
     def _farm_heard(
         self,
         runner: FarmRunner,
-        name: str,
+        *,
         sender: NodeId,
         incarnation: int,
-        farms: dict[ModuleName, tuple[FarmPeerStatus, int]],
+        got: tuple[FarmPeerStatus, int] | None,
+        counters: dict[str, int],
     ) -> None:
-        got = farms.get(ModuleName(name))
+        runner.peer_counters[sender] = counters
         if got is None:  # the peer does not run this module: it claims nothing
             status = FarmPeerStatus(
                 sender, State.STOP, False, frozenset(), 0, runner.machine.status.version

@@ -101,7 +101,8 @@ class FarmRunner(RunnerBase):
         self.published_ack: FarmAcks = ()
         self.setup_failure: str | None = None  # reported as the failure of the next script
         self.arp: farm_net.ArpResponder | None = None
-        self.counters: dict[str, int] = {}
+        self.counters: dict[str, int] = {}  # this node's filter, read every few seconds
+        self.peer_counters: dict[NodeId, dict[str, int]] = {}  # as the peers' heartbeats say
         self._counter_task: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
 
@@ -273,6 +274,7 @@ class FarmRunner(RunnerBase):
                 "loose": len(st.loose),
                 "arp": st.arp,
                 "counters": self.counters,
+                "node_counters": {self.node: self.counters, **self.peer_counters},
                 "virtual_mac": mac_to_str(farm_net.virtual_mac(self.spec.vip)),
             },
         }

@@ -4,13 +4,16 @@ Farm modules travel under the payload's ``"farms"`` key (mirror modules under ``
 :mod:`hakit.core.payload`), one entry per module::
 
     {"state": "UP", "member": true, "claims": "<64 hex digits>", "ver": 12,
-     "acks": {"n2": [incarnation, version], "n3": [...]}}
+     "acks": {"n2": [incarnation, version], "n3": [...]},
+     "ctr": {"new": 120, "established": 4031, "dropped": 9}}
 
 ``claims`` is the 256-bit bitmap of the buckets whose new connections the sender's filter
 accepts now (:func:`hakit.core.buckets.encode_set`). ``acks`` holds, for each peer, the
 incarnation and status version of that peer's module the sender had processed when it built
 this status; the receiver keeps the entry addressed to itself and turns it into
-``acked_version`` (its own version if the incarnation is its current one, else -1).
+``acked_version`` (its own version if the incarnation is its current one, else -1). ``ctr``
+(optional) carries the packet counters of the sender's filter, for ``hakit state`` on every
+node; they are not part of the status (no version change, never seen by the machine).
 
 Input comes from the network (authenticated, but still checked): anything malformed raises
 :class:`hakit.core.payload.PayloadError` and the whole heartbeat is dropped.
@@ -31,7 +34,9 @@ FarmAcks = tuple[tuple[NodeId, Ack], ...]
 
 
 def encode(
-    statuses: Mapping[ModuleName, FarmStatus], acks: Mapping[ModuleName, FarmAcks]
+    statuses: Mapping[ModuleName, FarmStatus],
+    acks: Mapping[ModuleName, FarmAcks],
+    counters: Mapping[ModuleName, Mapping[str, int]] | None = None,
 ) -> dict[str, Any]:
     farms: dict[str, Any] = {}
     for name, st in statuses.items():
@@ -42,7 +47,24 @@ def encode(
             "ver": st.version,
             "acks": {node: [a.incarnation, a.version] for node, a in acks.get(name, ())},
         }
+        if counters and counters.get(name):
+            farms[name]["ctr"] = dict(counters[name])
     return {"farms": farms}
+
+
+def decode_counters(payload: Mapping[str, Any]) -> dict[ModuleName, dict[str, int]]:
+    """The packet counters each farm entry carries (display only; bad values are skipped)."""
+    out: dict[ModuleName, dict[str, int]] = {}
+    farms = payload.get("farms", {})
+    if not isinstance(farms, dict):
+        return out
+    for name, entry in farms.items():
+        ctr = entry.get("ctr") if isinstance(entry, dict) else None
+        if isinstance(ctr, dict):
+            out[ModuleName(name)] = {
+                str(k)[:32]: v for k, v in list(ctr.items())[:16] if _is_int(v) and v >= 0
+            }
+    return out
 
 
 def decode(
