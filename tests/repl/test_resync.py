@@ -31,6 +31,8 @@ def _same(pair: Pair) -> None:
 def test_secondary_killed_then_incremental_resync(pair: Pair) -> None:
     pair.start()
     _fill(pair.a.data(), 300)
+    os.setxattr(pair.a.data() / "d2" / "f00002", "user.keep", b"kept")
+    os.setxattr(pair.a.data() / "d3" / "f00003", "user.gone", b"removed while alone")
     gen_before = _record(pair.a)["generation"]
     mark = pair.a.mark()
     pair.b.kill()
@@ -50,6 +52,10 @@ def test_secondary_killed_then_incremental_resync(pair: Pair) -> None:
     (pair.a.data() / "new" / "deeper").mkdir(parents=True)
     (pair.a.data() / "new" / "deeper" / "x").write_bytes(b"x" * 10000)
     (pair.a.data("two") / "other").write_text("second directory")
+    # extended attributes changed while alone travel with the resync
+    os.setxattr(pair.a.data() / "d4" / "f00004", "user.new", b"\x00binary\xff")
+    os.removexattr(pair.a.data() / "d3" / "f00003", "user.gone")
+    os.setxattr(pair.a.data() / "d5", "user.dir", b"on a directory")
     mark = pair.a.mark()
     b = pair.restart("b")
     b.role("secondary")

@@ -19,8 +19,12 @@ from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
+from hakit.repl.applier import RENAME_EXCHANGE, renameat2
+
 from .conftest import Pair, assert_same_tree
 from .pair import DIRS
+
+AT_FDCWD = -100
 
 NAMES = ["a", "b c", "ü", "日本語", "x.tmp"]
 
@@ -137,6 +141,22 @@ class FileOps(RuleBasedStateMachine):
                 errno.EXDEV,
                 errno.EEXIST,
             )
+
+    @rule(data=st.data())
+    def exchange(self, data: st.DataObject) -> None:
+        """renameat2(RENAME_EXCHANGE): two existing names swap, whatever their types."""
+        a, b = self._existing(data), self._existing(data)
+        if a is None or b is None:
+            return
+        nested = a == b or a in b.parents or b in a.parents
+        try:
+            renameat2(AT_FDCWD, bytes(a), AT_FDCWD, bytes(b), RENAME_EXCHANGE)
+        except OSError as exc:  # one inside the other, or across two replicated directories
+            tops = [self.pair.a.data(d) for d in DIRS]
+            if exc.errno == errno.EXDEV:
+                assert [t for t in tops if t in a.parents] != [t for t in tops if t in b.parents]
+            else:
+                assert nested and exc.errno in (errno.EINVAL, errno.ENOTEMPTY), exc
 
     @rule(data=st.data())
     def remove(self, data: st.DataObject) -> None:

@@ -52,6 +52,7 @@ Caveats:
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import errno
 import hashlib
@@ -83,6 +84,10 @@ _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, _Times, ctypes.c_int]
 _libc.futimens.argtypes = [ctypes.c_int, _Times]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.syncfs.argtypes = [ctypes.c_int]
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p]
+_libc.renameat2.argtypes += [ctypes.c_uint]
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
 
 
 def _check(ret: int) -> None:
@@ -113,6 +118,12 @@ def set_times(fd: int, name: bytes | None, atime_ns: int, mtime_ns: int) -> None
 def syncfs(fd: int) -> None:
     """``syncfs(2)``: everything written to the file system holding ``fd`` is on disk."""
     _check(_libc.syncfs(fd))
+
+
+def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) -> None:
+    """``renameat2(2)``: ``RENAME_EXCHANGE`` swaps both names atomically, ``RENAME_NOREPLACE``
+    fails with EEXIST instead of replacing."""
+    _check(_libc.renameat2(old_dir, old, new_dir, new, flags))
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -471,14 +482,20 @@ class Applier:
 
     def _rename(self, h: RequestHead, path: bytes, new: bytes, _d: object) -> None:
         p.check_path(new)
-        if h.a != 0:
+        if h.a not in (0, RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, f"rename flags {h.a:#x} are not supported")
         old_parent, old_name = self._entry(h.root, path)
         new_parent, new_name = self._entry(h.root, new)
         moved = os.stat(old_name, dir_fd=old_parent, follow_symlinks=False).st_mode
+        if h.a == RENAME_EXCHANGE:
+            other = os.stat(new_name, dir_fd=new_parent, follow_symlinks=False).st_mode
+            moved |= other & stat.S_IFDIR
         self._files.drop((h.root, path))
         self._files.drop((h.root, new))
-        os.rename(old_name, new_name, src_dir_fd=old_parent, dst_dir_fd=new_parent)
+        if h.a == RENAME_EXCHANGE:
+            renameat2(old_parent, old_name, new_parent, new_name, RENAME_EXCHANGE)
+        else:
+            os.rename(old_name, new_name, src_dir_fd=old_parent, dst_dir_fd=new_parent)
         if stat.S_ISDIR(moved):
             self._stale = True  # cached paths below it are wrong now (cleared after this op)
         set_times(old_parent, None, KEEP, h.c)
@@ -525,7 +542,7 @@ class Applier:
         with self._opath(h.root, path) as proc:
             os.removexattr(proc, attr)
 
-    def _meta(self, h: RequestHead, path: bytes, _p2: bytes, _d: object) -> None:
+    def _meta(self, h: RequestHead, path: bytes, _p2: bytes, data: bytes | memoryview) -> None:
         parent, name = self._at(h.root, path)
         mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
         if h.a != KEEP and stat.S_IFMT(h.a) not in (0, stat.S_IFMT(mode)):
@@ -540,7 +557,21 @@ class Applier:
             os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
         if h.a != KEEP and not stat.S_ISLNK(mode):
             self._chmod_object(h.root, path, h.a)
+        if len(data):  # after chown, which clears security.capability
+            self._replace_xattrs(h.root, path, p.decode_xattrs(data))
         set_times(parent, name, KEEP, h.b)
+
+    def _replace_xattrs(self, root: int, path: bytes, wanted: dict[bytes, bytes]) -> None:
+        """Make the object's extended attributes exactly ``wanted``."""
+        with self._opath(root, path) as proc:
+            for attr in os.listxattr(proc):
+                if os.fsencode(attr) not in wanted:
+                    os.removexattr(proc, attr)
+            for attr_name, value in wanted.items():
+                with contextlib.suppress(OSError):
+                    if os.getxattr(proc, attr_name) == value:
+                        continue
+                os.setxattr(proc, attr_name, value)
 
     # ------------------------------------------------------------------ reads (resync)
     def _stat(self, h: RequestHead, path: bytes, _p2: bytes, _d: object) -> bytes:

@@ -21,7 +21,7 @@ FSYNC before the application's ``write`` returns, and that FSYNC waits for both 
 ``release`` of the handle, should no FSYNC come). The application's ``write`` still returns
 only once the data is durable on both nodes, with one round trip fewer.
 
-Caveats: ``RENAME_EXCHANGE`` is refused (EINVAL); ``RENAME_NOREPLACE`` is honoured; atime is
+Caveats: ``RENAME_NOREPLACE`` and ``RENAME_EXCHANGE`` are honoured (renameat2); atime is
 not replicated; ctime cannot be set, so it differs between the copies.
 """
 
@@ -39,7 +39,7 @@ from typing import Any
 from mfusepy import FUSE, FuseOSError, Operations, c_stat, fuse_get_context
 
 from hakit.repl import protocol as p
-from hakit.repl.applier import fallocate
+from hakit.repl.applier import RENAME_EXCHANGE, fallocate, renameat2
 from hakit.repl.primary import PrimaryReplicator, Ticket
 
 _STAT_KEYS = (
@@ -455,23 +455,21 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         src, dst = self._rel(old), self._rel(new)
-        if flags & ~RENAME_NOREPLACE:
+        if flags not in (0, RENAME_NOREPLACE, RENAME_EXCHANGE):
             raise FuseOSError(errno.EINVAL)
         with self.repl.order:
-            if flags & RENAME_NOREPLACE:
-                try:
-                    os.stat(dst, dir_fd=self.fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                else:
-                    raise FuseOSError(errno.EEXIST)
-            os.rename(src, dst, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            # NOREPLACE is checked here: the secondary then does a plain rename; EXCHANGE
+            # swaps both names on both sides
+            renameat2(self.fd, src, self.fd, dst, flags)
             is_dir = stat.S_ISDIR(os.stat(dst, dir_fd=self.fd, follow_symlinks=False).st_mode)
+            if flags == RENAME_EXCHANGE:
+                is_dir |= stat.S_ISDIR(os.stat(src, dir_fd=self.fd, follow_symlinks=False).st_mode)
             t = self._send(
                 p.Request(
                     p.Op.RENAME,
                     src,
                     dst,
+                    a=flags & RENAME_EXCHANGE,
                     c=self._mtime(p.parent_of(src)),
                     d=self._mtime(p.parent_of(dst)),
                 ),

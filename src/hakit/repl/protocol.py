@@ -52,7 +52,10 @@ Field use per operation (``a``, ``b``, ``c``, ``d`` are signed 64-bit)::
     STAT         path                                   reply data=STAT_REC or err=ENOENT
     LIST         path (directory)                       reply data=LIST records
     SUMS         path a=block size b=offset c=length    reply data=16-byte digests, one per block
-    META         path a=mode b=mtime c=owner d=size     (resync: set size and metadata at once)
+    META         path a=mode b=mtime c=owner d=size [data=XATTRS]
+                                                        (resync: set size and metadata at once;
+                                                        with data, the object's extended
+                                                        attributes become exactly that set)
     REMOVE       path                                   (resync: delete a file or a whole tree)
     BEGIN_RESYNC data=JSON {"generation": G, "full": bool}
     END_RESYNC   data=JSON {"generation": G}            (answered once the copy is up to date
@@ -334,6 +337,39 @@ def decode_listing(raw: bytes) -> dict[bytes, StatRec]:
             raise ProtocolError("truncated listing")
         pos += nlen
         out[name] = StatRec(*fields)
+    return out
+
+
+_XATTR_COUNT = struct.Struct("!I")
+_XATTR_ITEM = struct.Struct("!HI")  # name length, value length
+
+
+def encode_xattrs(attrs: dict[bytes, bytes]) -> bytes:
+    """A complete set of extended attributes (``name -> value``), sorted by name."""
+    out = [_XATTR_COUNT.pack(len(attrs))]
+    for name, value in sorted(attrs.items()):
+        out += [_XATTR_ITEM.pack(len(name), len(value)), name, value]
+    return b"".join(out)
+
+
+def decode_xattrs(raw: bytes | memoryview) -> dict[bytes, bytes]:
+    """Inverse of :func:`encode_xattrs`; ProtocolError on anything malformed."""
+    data = bytes(raw)
+    if len(data) < _XATTR_COUNT.size:
+        raise ProtocolError("xattr set: truncated")
+    (count,) = _XATTR_COUNT.unpack_from(data)
+    pos, out = _XATTR_COUNT.size, {}
+    for _ in range(count):
+        if pos + _XATTR_ITEM.size > len(data):
+            raise ProtocolError("xattr set: truncated item")
+        n, v = _XATTR_ITEM.unpack_from(data, pos)
+        pos += _XATTR_ITEM.size
+        if n == 0 or b"\0" in data[pos : pos + n] or pos + n + v > len(data):
+            raise ProtocolError("xattr set: bad item")
+        out[data[pos : pos + n]] = data[pos + n : pos + n + v]
+        pos += n + v
+    if pos != len(data):
+        raise ProtocolError("xattr set: trailing bytes")
     return out
 
 

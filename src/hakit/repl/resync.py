@@ -27,6 +27,7 @@ are only replicated live, not by a resync.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
@@ -336,7 +337,11 @@ class Resync:
         )
 
     def _meta_locked(self, root: int, path: bytes, st: os.stat_result) -> Pending:
+        """Size, mode, owner, mtime and (files, directories) the whole xattr set."""
         size = st.st_size if stat.S_ISREG(st.st_mode) else p.KEEP
+        xattrs = b""
+        if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            xattrs = p.encode_xattrs(_xattrs(self.prim.roots[root], path))
         return self._submit(
             p.Request(
                 p.Op.META,
@@ -346,6 +351,7 @@ class Resync:
                 b=st.st_mtime_ns,
                 c=p.pack_owner(st.st_uid, st.st_gid),
                 d=size,
+                data=xattrs,
             )
         )
 
@@ -408,6 +414,19 @@ def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
         return os.stat(path, dir_fd=root_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _xattrs(root_fd: int, path: bytes) -> dict[bytes, bytes]:
+    """Every extended attribute of ``path`` (not following a symlink); {} if it vanished."""
+    proc = f"/proc/self/fd/{root_fd}/".encode() + path
+    out: dict[bytes, bytes] = {}
+    try:
+        for attr in os.listxattr(proc, follow_symlinks=False):
+            with contextlib.suppress(OSError):  # removed meanwhile
+                out[os.fsencode(attr)] = os.getxattr(proc, attr, follow_symlinks=False)
+    except OSError:
+        return {}
+    return out
 
 
 def _open_read(root_fd: int, path: bytes) -> int | None:
