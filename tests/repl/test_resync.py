@@ -56,6 +56,11 @@ def test_secondary_killed_then_incremental_resync(pair: Pair) -> None:
     os.setxattr(pair.a.data() / "d4" / "f00004", "user.new", b"\x00binary\xff")
     os.removexattr(pair.a.data() / "d3" / "f00003", "user.gone")
     os.setxattr(pair.a.data() / "d5", "user.dir", b"on a directory")
+    # hard links made while alone stay hard links, also when written through the new name
+    os.link(pair.a.data() / "d6" / "f00006", pair.a.data() / "d6" / "hard")
+    os.link(pair.a.data() / "d7" / "f00007", pair.a.data() / "new" / "hard2")
+    with (pair.a.data() / "new" / "hard2").open("r+b") as fh:
+        fh.write(b"through the second name")
     mark = pair.a.mark()
     b = pair.restart("b")
     b.role("secondary")
@@ -65,6 +70,8 @@ def test_secondary_killed_then_incremental_resync(pair: Pair) -> None:
     assert "incremental resync" in log, log[-2000:]
     _same(pair)
     assert b.last_record()["data"] == "up to date"
+    for one, two in (("d6/f00006", "d6/hard"), ("d7/f00007", "new/hard2")):
+        assert (b.data() / one).stat().st_ino == (b.data() / two).stat().st_ino, (one, two)
 
 
 def test_reintegration_while_the_application_writes(pair: Pair) -> None:
@@ -125,10 +132,17 @@ def test_full_resync_sends_only_what_differs(pair: Pair) -> None:
     big = pair.a.data() / "big"
     big.write_bytes(os.urandom(4 << 20))
     (pair.b.data() / "big").write_bytes(big.read_bytes()[: 3 << 20] + os.urandom(1 << 20))
+    # three names of one file on the primary; two separate files on the secondary
+    for name in ("link1", "link2"):
+        os.link(pair.a.data() / "same" / "50", pair.a.data() / name)
+    os.link(pair.b.data() / "same" / "50", pair.b.data() / "link1")
+    (pair.b.data() / "link2").write_bytes(bytes([50]) * 50_000)
     pair.start()
     _same(pair)
     log = (pair.root / "a.log").read_text()
     assert "full resync" in log
+    inodes = {(pair.b.data() / n).stat().st_ino for n in ("same/50", "link1", "link2")}
+    assert len(inodes) == 1, "the secondary's names are one file, as on the primary"
 
 
 def test_primary_replicator_killed_is_recovered_with_a_full_compare(pair: Pair) -> None:

@@ -28,6 +28,7 @@ are only replicated live, not by a resync.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import stat
@@ -68,6 +69,8 @@ class Resync:
         self._touched: set[tuple[int, bytes]] = set()
         # what the secondary has at paths listed with their parent (None: nothing)
         self._known: dict[tuple[int, bytes], p.StatRec | None] = {}
+        # per root, inode -> names of the primary's multiply-linked files (built when needed)
+        self._links: dict[int, dict[int, list[bytes]]] = {}
 
     # ------------------------------------------------------------------ driver
     def run(self) -> None:
@@ -158,6 +161,8 @@ class Resync:
             remote = self._remote_stat(root, path)
         sends: list[Pending] = []
         content: list[tuple[int, int]] | None = []
+        first = _lstat(prim.roots[root], path)
+        names = self._other_names(root, path, first) if first is not None else []
         with prim.order:
             entry = prim.journal.take(root, path)
             if entry is None:
@@ -173,6 +178,16 @@ class Resync:
                 content = None
             elif stat.S_ISREG(local.st_mode):
                 same_kind = remote is not None and stat.S_ISREG(remote.mode)
+                if names and (remote is None or remote.nlink != local.st_nlink):
+                    source = self._link_source_locked(root, local, names)
+                    if source is not None:  # one inode, as on the primary
+                        if remote is not None:
+                            sends.append(self._submit(p.Request(p.Op.REMOVE, path, root=root)))
+                        sends.append(
+                            self._submit(p.Request(p.Op.LINK, path, source, root=root, d=p.KEEP))
+                        )
+                        same_kind = True  # its content is then compared like any file's
+                        entry = dataclasses.replace(entry, ranges=None)
                 if not same_kind:
                     sends.append(self._create_locked(root, path, local))
                 sends.append(self._meta_locked(root, path, local))
@@ -196,6 +211,30 @@ class Resync:
                 if now is not None and stat.S_ISREG(now.st_mode):
                     sends.append(self._meta_locked(root, path, now))
         return sends
+
+    def _other_names(self, root: int, path: bytes, st: os.stat_result) -> list[bytes]:
+        """The other names of a multiply-linked regular file (outside the order lock: it may
+        walk the whole tree once per resync, or again when a link appeared meanwhile)."""
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink < 2:
+            return []
+        index = self._links.get(root)
+        if index is None or path not in index.get(st.st_ino, ()):
+            index = _multi_linked(self.prim.roots[root])
+            self._links[root] = index
+        return [n for n in index.get(st.st_ino, ()) if n != path]
+
+    def _link_source_locked(
+        self, root: int, local: os.stat_result, names: list[bytes]
+    ) -> bytes | None:
+        """A name of the same inode that the secondary has as it is (not waiting in the
+        journal, not excluded): the new name is made a hard link to it."""
+        for name in names:
+            if self.prim.excluded(root, name) or self.prim.journal.contains(root, name):
+                continue
+            other = _lstat(self.prim.roots[root], name)
+            if other is not None and other.st_ino == local.st_ino:
+                return name
+        return None
 
     def _sync_dir_locked(
         self, root: int, path: bytes, local: os.stat_result, remote: p.StatRec | None, tree: bool
@@ -402,7 +441,7 @@ _UNKNOWN: Any = object()
 # stands for "a regular file" when the secondary's copy is known to be one without asking
 _SOME_FILE = p.StatRec(stat.S_IFREG, 0, 0, 0, 0)
 
-_NAMESPACE = frozenset({p.Op.REMOVE, p.Op.CREATE, p.Op.MKDIR, p.Op.SYMLINK, p.Op.MKNOD})
+_NAMESPACE = frozenset({p.Op.REMOVE, p.Op.CREATE, p.Op.MKDIR, p.Op.SYMLINK, p.Op.MKNOD, p.Op.LINK})
 
 
 def _differs(a: p.StatRec, b: p.StatRec) -> bool:
@@ -414,6 +453,19 @@ def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
         return os.stat(path, dir_fd=root_fd, follow_symlinks=False)
     except FileNotFoundError:
         return None
+
+
+def _multi_linked(root_fd: int) -> dict[int, list[bytes]]:
+    """inode -> names (protocol paths) of every regular file below ``root_fd`` with links."""
+    out: dict[int, list[bytes]] = {}
+    for top, _dirs, files, dir_fd in os.fwalk(b".", dir_fd=root_fd):
+        for name in files:
+            with contextlib.suppress(OSError):
+                st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    rel = name if top == b"." else top.removeprefix(b"./") + b"/" + name
+                    out.setdefault(st.st_ino, []).append(rel)
+    return out
 
 
 def _xattrs(root_fd: int, path: bytes) -> dict[bytes, bytes]:
