@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 DEB_PACKAGES := iproute2 nftables fuse3 util-linux procps psmisc curl iputils-ping
 BENCH_PACKAGES := keepalived bc fio rsync glusterfs-server glusterfs-client
 
-.PHONY: demo test lint typecheck unit integration deps venv bench-failover bench-replication clean lab-down
+.PHONY: demo test lint typecheck unit integration deps venv bench-failover bench-farm bench-replication clean lab-down
 
 demo: deps
 	$(BIN)/hakit lab demo
@@ -53,6 +53,9 @@ bench-deps: deps
 
 bench-failover: bench-deps
 	$(BIN)/python bench/failover.py
+
+bench-farm: bench-deps
+	$(BIN)/python bench/farm.py
 
 bench-replication: bench-deps
 	$(BIN)/python bench/replication.py --reps 3 --plaintext
