@@ -260,7 +260,7 @@ def farm_cells(m: dict[str, Any]) -> tuple[str, str, str, str, str]:
     packets = (
         "\n".join(
             f"{node}: new {c.get('new', 0)}, est {c.get('established', 0)}, "
-            f"drop {c.get('dropped', 0)}"
+            f"drop {c.get('dropped', 0) + c.get('early', 0)}"
             for node, c in sorted(per_node.items())
             if c
         )

@@ -98,7 +98,7 @@ for line in sys.stdin:
         elif op == "leftover":
             result = farm.leftover_modules(state_dir)
         elif op == "apply":
-            farm.apply(spec, cmd["owned"], cmd["loose"])
+            farm.apply(spec, cmd["owned"], cmd["loose"], keep=cmd.get("keep"))
         elif op == "teardown":
             result = farm.teardown(cmd["module"], state_dir)
         elif op == "counters":
@@ -391,8 +391,16 @@ class Farm:
         self.helpers[ARP_NODE].call("arp_start", interface="eth0", vip=VIP)
         run(["ip", "-n", CLIENT, "neigh", "flush", "dev", "eth0"])  # ARP for the VIP again
 
-    def apply(self, node: str, owned: set[int], loose: set[int] | None = None) -> None:
-        self.helpers[node].call("apply", owned=sorted(owned), loose=sorted(loose or ()))
+    def apply(
+        self,
+        node: str,
+        owned: set[int],
+        loose: set[int] | None = None,
+        keep: set[int] | None = None,
+    ) -> None:
+        self.helpers[node].call(
+            "apply", owned=sorted(owned), loose=sorted(loose or ()), keep=sorted(keep or ())
+        )
 
     def counters(self) -> dict[str, dict[str, int]]:
         return {node: self.helpers[node].call("counters", module=MODULE) for node in NODES}
@@ -467,7 +475,7 @@ def test_every_connection_is_answered_once_by_the_owner_of_the_clients_bucket(
     counters = farm.counters()
     assert sum(c["new"] for c in counters.values()) == 300  # one node accepted each SYN
     assert all(c["flooded"] > 0 for c in counters.values())  # the switch flooded every node
-    assert all(c["dropped"] > 0 for c in counters.values())  # ... and they left others' alone
+    assert all(c["early"] > 0 for c in counters.values())  # ... each left the others' at ingress
 
     neighbour = json.loads(run(["ip", "-n", CLIENT, "-j", "neigh", "show", VIP]).stdout)
     assert neighbour[0]["lladdr"] == VMAC
@@ -546,9 +554,11 @@ def test_established_connections_survive_a_rebalance_and_new_ones_follow_the_new
     established = farm.helpers["hkf1"].call("established", vip=VIP, ports=[PORT])
     assert established == [list(first.values()).count("hkf1")] * 2  # /proc and netlink agree
 
-    # the agent's order: the old owner releases, then the new owner acquires
+    # the agent's order: the old owner releases (still keeping the released buckets past its
+    # ingress chain, as the agent does while it tracks connections in them), then the new
+    # owner acquires
     owners["hkf1"] -= moved
-    farm.apply("hkf1", owners["hkf1"])
+    farm.apply("hkf1", owners["hkf1"], keep=moved)
     owners["hkf2"] |= moved
     farm.apply("hkf2", owners["hkf2"])
 

@@ -16,6 +16,7 @@ from hakit.net.farm import (
     FarmRule,
     FarmSpec,
     _jhash,
+    buckets_in_conntrack,
     client_bucket,
     count_established,
     ruleset,
@@ -69,8 +70,51 @@ def test_ingress_takes_in_only_ipv4_frames_for_the_virtual_mac_on_the_interface(
     script = ruleset(WEB, {0}, set())
     assert chain(script, "ingress") == [
         'type filter hook ingress device "eth0" priority 0; policy accept;',
-        'ether daddr 02:00:c0:00:02:c8 ether type ip meta pkttype set host counter name "flooded"',
+        "ether daddr != 02:00:c0:00:02:c8 return",
+        'ether type ip meta pkttype set host counter name "flooded"',
+        "ip daddr 192.0.2.200 tcp dport { 80, 443 } jhash ip saddr mod 256 seed 0x0000beef"
+        ' != @keep counter name "early" drop',
     ]
+
+
+def test_ingress_keeps_owned_loose_and_the_buckets_the_agent_still_tracks() -> None:
+    assert "elements = { 0, 5 }" in ruleset(WEB, {0}, {5})
+    assert "elements = { 0, 5, 9 }" in ruleset(WEB, {0}, {5}, keep={9})
+    assert "elements" not in ruleset(WEB, (), ())  # nothing kept: everything dropped early
+    early = [r for r in chain(ruleset(MIXED, (), ()), "ingress") if "early" in r]
+    assert [r.split(" jhash ")[1].split(" mod ")[0] for r in early] == [
+        "ip saddr . tcp sport",
+        "ip saddr . udp sport",
+    ]
+
+
+def test_tracked_buckets_are_those_of_any_tcp_entry_to_the_vip_ports() -> None:
+    line = (
+        "ipv4     2 tcp      6 {t} {state} src={src} dst={dst} sport={sport} dport={dport}"
+        " src={dst} dst={src} sport={dport} dport={sport} [ASSURED] mark=0 use=1"
+    )
+    text = "\n".join(
+        [
+            line.format(
+                t=9, state="ESTABLISHED", src="192.0.2.210", dst="192.0.2.200", sport=4000, dport=80
+            ),
+            line.format(
+                t=9, state="TIME_WAIT", src="192.0.2.211", dst="192.0.2.200", sport=4001, dport=443
+            ),
+            line.format(
+                t=9, state="ESTABLISHED", src="192.0.2.212", dst="192.0.2.200", sport=4002, dport=22
+            ),  # another port
+            line.format(
+                t=9, state="ESTABLISHED", src="192.0.2.213", dst="192.0.2.99", sport=4003, dport=80
+            ),  # another address
+        ]
+    )
+
+    got = buckets_in_conntrack(text, WEB)
+
+    assert got == {client_bucket("192.0.2.210", 0xBEEF), client_bucket("192.0.2.211", 0xBEEF)}
+    per_port = buckets_in_conntrack(text.replace("dport=80 ", "dport=53 "), MIXED)
+    assert per_port == {client_bucket("192.0.2.210", 7, sport=4000)}
 
 
 def test_prerouting_runs_after_conntrack_and_skips_the_nodes_own_packets() -> None:

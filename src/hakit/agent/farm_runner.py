@@ -105,6 +105,12 @@ class FarmRunner(RunnerBase):
         self.peer_counters: dict[NodeId, dict[str, int]] = {}  # as the peers' heartbeats say
         self._counter_task: asyncio.Task[None] | None = None
         self._drain_task: asyncio.Task[None] | None = None
+        # the buckets in the kernel now; ``recent``: released ones that may still hold
+        # connections this node tracks (kept past the ingress chain until they have none)
+        self.owned: frozenset[int] = frozenset()
+        self.loose: frozenset[int] = frozenset()
+        self.recent: frozenset[int] = frozenset()
+        self._nft = asyncio.Lock()  # one ruleset change at a time (worker, pruning)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
@@ -188,10 +194,16 @@ class FarmRunner(RunnerBase):
                 log.error("module %s: unknown action %r", self.name, action)
 
     async def _apply(self, owned: frozenset[int], loose: frozenset[int], arp: bool) -> None:
-        try:
-            await asyncio.to_thread(farm_net.apply, self.spec, owned, loose)
-        except (HakitError, OSError) as exc:
-            self.note(f"bucket filter not applied: {exc}", error=True)
+        async with self._nft:
+            released = (self.owned | self.loose) - (owned | loose)
+            recent = (self.recent | released) - (owned | loose)
+            try:
+                await asyncio.to_thread(
+                    farm_net.apply, self.spec, owned, loose, keep=owned | loose | recent
+                )
+                self.owned, self.loose, self.recent = owned, loose, recent
+            except (HakitError, OSError) as exc:
+                self.note(f"bucket filter not applied: {exc}", error=True)
         if arp and self.arp is None:
             responder = farm_net.ArpResponder()
             try:
@@ -210,6 +222,7 @@ class FarmRunner(RunnerBase):
         )
 
     async def _teardown(self) -> None:
+        self.owned = self.loose = self.recent = frozenset()
         if self.arp is not None:
             self.arp.stop()
             self.arp = None
@@ -252,10 +265,28 @@ class FarmRunner(RunnerBase):
         self._report(CheckerRecovered(checker))
 
     async def _read_counters(self) -> None:
+        """Every few seconds: read the counters, and stop keeping released buckets that hold
+        no tracked connection any more (their packets are then dropped at ingress)."""
         while True:
             with contextlib.suppress(HakitError, OSError):
                 self.counters = await asyncio.to_thread(farm_net.counters, self.name)
+            if self.recent:
+                with contextlib.suppress(HakitError, OSError):
+                    await self._prune_recent()
             await asyncio.sleep(COUNTERS_PERIOD)
+
+    async def _prune_recent(self) -> None:
+        async with self._nft:
+            # a bucket no longer owned gets no new connection here: once conntrack holds none
+            # of its connections, none can appear, so it is safe to stop keeping it
+            live = await asyncio.to_thread(farm_net.tracked_buckets, self.spec)
+            recent = self.recent & live
+            if recent != self.recent:
+                keep = self.owned | self.loose | recent
+                await asyncio.to_thread(
+                    farm_net.apply, self.spec, self.owned, self.loose, keep=keep
+                )
+                self.recent = recent
 
     # ------------------------------------------------------------------ view
     def view(self) -> dict[str, Any]:
@@ -272,6 +303,7 @@ class FarmRunner(RunnerBase):
                 **self.machine.view(),
                 "buckets": len(st.claims),
                 "loose": len(st.loose),
+                "draining_buckets": len(self.recent),
                 "arp": st.arp,
                 "counters": self.counters,
                 "node_counters": {self.node: self.counters, **self.peer_counters},

@@ -11,7 +11,10 @@ Every node of a farm accepts the VIP; exactly one node answers each packet. How:
    running for a moment during a handover is harmless, and a new responder needs no
    announcement: clients' caches already hold the same virtual MAC.
 3. A ``netdev`` ingress chain on the interface (promiscuous mode) turns the frames for the
-   virtual MAC into host packets (``meta pkttype set host``).
+   virtual MAC into host packets (``meta pkttype set host``), and drops at once the packets
+   of the module's ports whose bucket this node does not *keep* (owned, loose, or released
+   but still holding connections this node tracks): most of the flooded traffic belongs to
+   other nodes and never reaches the IP layer or conntrack here.
 4. An ``inet`` prerouting chain at priority -150 (after conntrack, -200) keeps this node's
    share of the :attr:`FarmSpec.buckets` buckets (``jhash … mod B seed S``; the seed must
    be equal on all nodes, else the kernel picks a random one per rule):
@@ -260,17 +263,28 @@ def _jhash(key: bytes, initval: int) -> int:
 
 
 def ruleset(
-    spec: FarmSpec, owned: Iterable[int], loose: Iterable[int], *, fresh: bool = False
+    spec: FarmSpec,
+    owned: Iterable[int],
+    loose: Iterable[int],
+    *,
+    keep: Iterable[int] | None = None,
+    fresh: bool = False,
 ) -> str:
     """The complete ``nft -f -`` script of the module: one atomic, idempotent transaction.
 
     ``owned``: buckets whose NEW connections this node accepts; ``loose``: buckets whose every
-    packet it accepts (a dead node's buckets). The ``netdev`` table is always deleted and
+    packet it accepts (a dead node's buckets). ``keep`` (default: owned and loose): the buckets
+    whose packets go past the ingress chain at all; every other packet of the module's ports is
+    dropped there, before the IP layer and conntrack (the cheap path for the bulk of the
+    flooded traffic, which belongs to other nodes). The agent adds the buckets this node
+    released while it may still track connections in them (their packets must reach conntrack
+    and the ``established`` rule). The ``netdev`` table is always deleted and
     recreated (a chain declared again with another interface would hook both). The ``inet``
     table: with ``fresh`` (for :func:`setup`) too, counters start at zero; otherwise its rules
     and bucket sets are flushed and re-added, and its named counters keep counting.
     """
     owned_set, loose_set = _buckets(spec, owned, "owned"), _buckets(spec, loose, "loose")
+    keep_set = _buckets(spec, set(owned_set) | set(loose_set) | set(keep or ()), "keep")
     table = table_name(spec.module)
     vmac = mac_to_str(virtual_mac(spec.vip))
     reset = "delete" if fresh else "flush"
@@ -285,9 +299,19 @@ def ruleset(
         "\tcounter flooded {",
         "\t}",
         "",
+        "\tcounter early {",
+        "\t}",
+        "",
+        "\tset keep {",
+        f"\t\t{typeof}",
+        *([f"\t\telements = {{ {', '.join(str(b) for b in keep_set)} }}"] if keep_set else []),
+        "\t}",
+        "",
         "\tchain ingress {",
         f'\t\ttype filter hook ingress device "{spec.interface}" priority 0; policy accept;',
-        f'\t\tether daddr {vmac} ether type ip meta pkttype set host counter name "flooded"',
+        f"\t\tether daddr != {vmac} return",
+        '\t\tether type ip meta pkttype set host counter name "flooded"',
+        *[f"\t\t{rule}" for rule in _early_rules(spec)],
         "\t}",
         "}",
         f"table inet {table}",
@@ -321,6 +345,23 @@ def ruleset(
             elements = ", ".join(str(b) for b in members)
             lines.append(f"add element inet {table} {name} {{ {elements} }}")
     return "\n".join(lines) + "\n"
+
+
+def _early_rules(spec: FarmSpec) -> list[str]:
+    """Ingress rules (frames for the virtual MAC): drop the module's packets whose bucket this
+    node does not keep, before they cost an IP layer and a conntrack lookup."""
+    rules = []
+    for rule in spec.rules:
+        ports = sorted(set(rule.ports))
+        match = (
+            f"{rule.proto} dport {ports[0]}"
+            if len(ports) == 1
+            else f"{rule.proto} dport {{ {', '.join(str(x) for x in ports)} }}"
+        )
+        key = "ip saddr" if rule.by == "client-ip" else f"ip saddr . {rule.proto} sport"
+        bucket = f"jhash {key} mod {spec.buckets} seed {spec.seed:#010x}"
+        rules.append(f'ip daddr {spec.vip} {match} {bucket} != @keep counter name "early" drop')
+    return rules
 
 
 def _vip_rules(spec: FarmSpec) -> list[str]:
@@ -365,13 +406,18 @@ def _buckets(spec: FarmSpec, buckets: Iterable[int], what: str) -> list[int]:
 
 
 def apply(
-    spec: FarmSpec, owned: Iterable[int], loose: Iterable[int], *, fresh: bool = False
+    spec: FarmSpec,
+    owned: Iterable[int],
+    loose: Iterable[int],
+    *,
+    keep: Iterable[int] | None = None,
+    fresh: bool = False,
 ) -> None:
     """Load :func:`ruleset` with ``nft -f -`` (one transaction: all of it or nothing).
 
     Raises :class:`CommandError` carrying nft's error lines when nft refuses it.
     """
-    _nft_script(ruleset(spec, owned, loose, fresh=fresh))
+    _nft_script(ruleset(spec, owned, loose, keep=keep, fresh=fresh))
     log.debug("farm %s: filter applied", spec.module)
 
 
@@ -397,8 +443,9 @@ def counters(module: str) -> dict[str, int]:
     Keys: ``new`` (TCP SYNs and UDP datagrams accepted by owned bucket), ``established``
     (packets of this node's tracked connections, related ICMP included), ``loose`` (packets
     accepted by loose bucket), ``dropped`` (packets to the VIP left to other nodes or not
-    served), ``flooded`` (frames for the virtual MAC taken in by the ingress chain, since the
-    last :func:`apply`).
+    served), ``flooded`` (frames for the virtual MAC taken in by the ingress chain) and
+    ``early`` (packets of buckets not kept, dropped at ingress) — these two since the last
+    :func:`apply`.
     """
     table = table_name(module)
     out = run(["nft", "-j", "list", "counters"], timeout=NFT_TIMEOUT).stdout
@@ -448,6 +495,39 @@ def count_established(text: str, vip: str, ports: Iterable[int]) -> int:
         if fields.get("dst") == vip and fields.get("dport") in wanted:
             count += 1
     return count
+
+
+def tracked_buckets(spec: FarmSpec) -> set[int]:
+    """Buckets of the TCP connections to the VIP this node tracks (any state): a released
+    bucket must stay past the ingress chain while it holds one of them."""
+    try:
+        text = Path("/proc/net/nf_conntrack").read_text(encoding="ascii", errors="replace")
+    except OSError as exc:
+        raise FarmError(f"cannot read /proc/net/nf_conntrack: {exc.strerror or exc}") from exc
+    return buckets_in_conntrack(text, spec)
+
+
+def buckets_in_conntrack(text: str, spec: FarmSpec) -> set[int]:
+    """The buckets of the TCP entries to ``spec.vip`` on its TCP ports in ``text``. Pure."""
+    by_port = {p: r.by for r in spec.rules if r.proto == "tcp" for p in r.ports}
+    out: set[int] = set()
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 6 or words[2] != "tcp":
+            continue
+        fields: dict[str, str] = {}
+        for word in words[5:]:  # the original direction comes first: keep first occurrences
+            name, _, value = word.partition("=")
+            fields.setdefault(name, value)
+        try:
+            dport, src, sport = int(fields["dport"]), fields["src"], int(fields["sport"])
+        except (KeyError, ValueError):
+            continue
+        if fields.get("dst") != spec.vip or dport not in by_port:
+            continue
+        port = sport if by_port[dport] == "client-ip-port" else None
+        out.add(client_bucket(src, spec.seed, spec.buckets, port))
+    return out
 
 
 def _established_netlink(vip: str, ports: set[int]) -> int:
