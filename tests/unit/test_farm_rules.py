@@ -127,7 +127,8 @@ def test_prerouting_runs_after_conntrack_and_skips_the_nodes_own_packets() -> No
 def test_tcp_established_first_then_syn_of_owned_then_any_packet_of_loose_else_drop() -> None:
     hashed = "jhash ip saddr mod 256 seed 0x0000beef"
     assert chain(ruleset(WEB, {1, 2}, {3}), "vip") == [
-        'tcp dport { 80, 443 } ct state established counter name "established" accept',
+        'tcp dport { 80, 443 } ct state established tcp flags & (fin | syn | rst | ack) != syn'
+        ' counter name "established" accept',
         f"tcp dport {{ 80, 443 }} {hashed} @owned tcp flags & (fin | syn | rst | ack) == syn"
         ' counter name "new" accept',
         f'tcp dport {{ 80, 443 }} {hashed} @loose counter name "loose" accept',

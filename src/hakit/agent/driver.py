@@ -34,7 +34,7 @@ from hakit.core.peers import PeerTracker
 from hakit.model import ModuleName, NodeId, State
 from hakit.net import farm as farm_net
 from hakit.net.heartbeat import HeartbeatTransport
-from hakit.net.wire import Envelope
+from hakit.net.wire import Envelope, WireError
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +140,18 @@ class Agent:
             r.published.state != State.STOP for r in self.modules.values()
         ):
             await asyncio.sleep(0.05)
+        if self.api:
+            await self.api.close()
+        if self.transport:
+            self.transport.close()
+        for runner in self.modules.values():
+            await runner.close()  # its worker ends: nothing persists a record after this
         for name in wanted:  # a service stop is not an operator stop: start again at boot
             r = self.modules[name]
             if isinstance(r, FarmRunner):
                 r.store.save_farm(name, dataclasses.replace(r.durable, wanted=True))
             else:
                 r.store.save_module(name, dataclasses.replace(r.durable, wanted=True))
-        if self.api:
-            await self.api.close()
-        if self.transport:
-            self.transport.close()
-        for runner in self.modules.values():
-            await runner.close()
         log.info("agent %s stopped", self.node)
 
     # ------------------------------------------------------------------ loops
@@ -169,7 +169,10 @@ class Agent:
 
     async def _sender(self) -> None:
         while True:
-            self._send_heartbeat()
+            try:
+                self._send_heartbeat()
+            except Exception:  # a heartbeat that cannot go out must not end the loop
+                log.exception("heartbeat not sent: BUG, please report it")
             self.send_soon.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.send_soon.wait(), self.interval)
@@ -184,13 +187,21 @@ class Agent:
             {ModuleName(n): r.published_ack for n, r in mirrors.items()},
         )
         if farms:
-            body |= farm_payload.encode(
-                {ModuleName(n): r.published for n, r in farms.items()},
-                {ModuleName(n): r.published_ack for n, r in farms.items()},
-                {ModuleName(n): r.counters for n, r in farms.items()},
-            )
+            statuses = {ModuleName(n): r.published for n, r in farms.items()}
+            acks = {ModuleName(n): r.published_ack for n, r in farms.items()}
+            counters = {ModuleName(n): r.counters for n, r in farms.items()}
+            body |= farm_payload.encode(statuses, acks, counters)
         env = Envelope(self.config.cluster.name, self.node, self.incarnation, self.seq, body)
-        self.transport.send(env)
+        try:
+            self.transport.send(env)
+        except WireError as exc:
+            if exc.reason != "too_big" or not farms:
+                raise
+            # the packet counters are for display only: send the statuses without them
+            body |= farm_payload.encode(statuses, acks)
+            self.transport.send(
+                Envelope(self.config.cluster.name, self.node, self.incarnation, self.seq, body)
+            )
 
     def _on_envelope(self, network: str, env: Envelope) -> None:
         now = self.clock()

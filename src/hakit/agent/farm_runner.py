@@ -29,7 +29,7 @@ from hakit.agent.runner_base import Batch, RunnerBase
 from hakit.agent.store import Store
 from hakit.config import Config, Module
 from hakit.core.actions import RunScript, StartCheckers, StopCheckers, Transitioned
-from hakit.core.events import ScriptDone
+from hakit.core.events import CheckerAction, CheckerFailed, ScriptDone
 from hakit.core.farm import (
     ApplyBuckets,
     AwaitDrain,
@@ -52,6 +52,9 @@ from hakit.net.arp import mac_to_str
 
 log = logging.getLogger(__name__)
 
+APPLY_ATTEMPTS = 3  # nft transactions tried before failing closed
+APPLY_RETRY = 0.2  # seconds between them
+FILTER_CHECK = "farm-filter"  # the checker name a failed ruleset change is reported as
 COUNTERS_PERIOD = 2.0  # seconds between reads of the nftables counters (for `hakit state`)
 DRAIN_POLL = 0.5  # seconds between counts of the connections still open while draining
 
@@ -90,7 +93,9 @@ class FarmRunner(RunnerBase):
             nodes=tuple(NodeId(n) for n in module.nodes),
             weights={NodeId(n): fc.weights.get(n, 1) for n in module.nodes},
             seed=seed,
-            startup_wait=config.cluster.heartbeat.timeout,
+            # the machine's clock starts before the heartbeat sockets are bound: two intervals
+            # more so that a full timeout passes with them open before anything is claimed
+            startup_wait=config.cluster.heartbeat.timeout + 2 * config.cluster.heartbeat.interval,
             drain_timeout=fc.drain_timeout,
             module=module.name,
         )
@@ -161,7 +166,10 @@ class FarmRunner(RunnerBase):
                 self.since = time.time()
             case FarmPersist():
                 self.durable = FarmDurable(action.wanted, action.state)
-                await asyncio.to_thread(self.store.save_farm, self.name, self.durable)
+                try:
+                    await asyncio.to_thread(self.store.save_farm, self.name, self.durable)
+                except OSError as exc:  # only what happens at the next agent start depends on it
+                    self.note(f"module record not saved: {exc}", error=True)
             case SetupFarm():
                 try:
                     await asyncio.to_thread(farm_net.setup, self.spec, self.state_dir)
@@ -197,13 +205,18 @@ class FarmRunner(RunnerBase):
         async with self._nft:
             released = (self.owned | self.loose) - (owned | loose)
             recent = (self.recent | released) - (owned | loose)
-            try:
-                await asyncio.to_thread(
-                    farm_net.apply, self.spec, owned, loose, keep=owned | loose | recent
-                )
-                self.owned, self.loose, self.recent = owned, loose, recent
-            except (HakitError, OSError) as exc:
-                self.note(f"bucket filter not applied: {exc}", error=True)
+            for attempt in range(APPLY_ATTEMPTS):
+                try:
+                    await asyncio.to_thread(
+                        farm_net.apply, self.spec, owned, loose, keep=owned | loose | recent
+                    )
+                    self.owned, self.loose, self.recent = owned, loose, recent
+                    break
+                except (HakitError, OSError) as exc:
+                    self.note(f"bucket filter not applied (attempt {attempt + 1}): {exc}")
+                    await asyncio.sleep(APPLY_RETRY)
+            else:
+                await self._fail_closed()
         if arp and self.arp is None:
             responder = farm_net.ArpResponder()
             try:
@@ -221,6 +234,19 @@ class FarmRunner(RunnerBase):
             + (f" ({len(loose)} taken from a lost node)" if loose else "")
         )
 
+    async def _fail_closed(self) -> None:
+        """The ruleset cannot be changed: the status about to be published may release buckets
+        the kernel still accepts. Take the VIP off ``lo`` first (this node then accepts nothing
+        at all), then leave the membership as a failed checker would; ``hakit restart``
+        (or stop) sets everything up again."""
+        try:
+            await asyncio.to_thread(farm_net.fail_closed, self.spec)
+            what = f"VIP {self.spec.vip} taken off lo: this node accepts nothing"
+        except (HakitError, OSError) as exc:
+            what = f"and the VIP could not be taken off lo either: {exc}"
+        self.note(f"the bucket filter cannot be changed; {what}", error=True)
+        self._report(CheckerFailed(FILTER_CHECK, CheckerAction.STOP, "nft refused the ruleset"))
+
     async def _teardown(self) -> None:
         self.owned = self.loose = self.recent = frozenset()
         if self.arp is not None:
@@ -228,12 +254,15 @@ class FarmRunner(RunnerBase):
             self.arp = None
         if self._counter_task is not None:
             self._counter_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._counter_task
             self._counter_task = None
-        try:
-            undone = await asyncio.to_thread(farm_net.teardown, self.name, self.state_dir)
-            self.note("removed: " + ("; ".join(undone) if undone else "nothing left"))
-        except (HakitError, OSError) as exc:
-            self.note(f"farm tear-down failed: {exc}", error=True)
+        async with self._nft:  # a pruning apply in a thread must not re-create the tables
+            try:
+                undone = await asyncio.to_thread(farm_net.teardown, self.name, self.state_dir)
+                self.note("removed: " + ("; ".join(undone) if undone else "nothing left"))
+            except (HakitError, OSError) as exc:
+                self.note(f"farm tear-down failed: {exc}", error=True)
         self.counters = {}
 
     async def _drain(self, timeout: float) -> None:
@@ -250,7 +279,7 @@ class FarmRunner(RunnerBase):
             except (HakitError, OSError) as exc:
                 self.note(f"cannot count open connections: {exc}", error=True)
                 remaining = -1
-            if remaining <= 0 or self.clock() >= deadline:
+            if remaining == 0 or self.clock() >= deadline:  # -1 (cannot count): keep waiting
                 break
             await asyncio.sleep(DRAIN_POLL)
         self.note(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -39,6 +40,13 @@ class Batch:
     actions: list[Any]
     status: Any
     ack: Any  # what the machine had processed of the peers' statuses when it produced ``status``
+
+
+def _sans_reason(status: Any) -> Any:
+    """The status as heartbeats carry it (every status dataclass has a ``reason`` field)."""
+    if dataclasses.is_dataclass(status) and not isinstance(status, type):
+        return dataclasses.replace(status, reason="")
+    return status
 
 
 class RunnerBase:
@@ -122,15 +130,22 @@ class RunnerBase:
     async def _work(self) -> None:
         while True:
             batch = await self.queue.get()
-            try:
-                for action in batch.actions:
+            for action in batch.actions:  # one failing action does not skip the others
+                try:
                     await self._execute(action, batch)
-            except Exception:
-                log.exception("module %s: BUG executing %s; please report it", self.name, batch)
+                except Exception:
+                    log.exception(
+                        "module %s: BUG executing %s; please report it", self.name, action
+                    )
             self.unpublished -= 1
             if batch.status != self.published or batch.ack != self.published_ack:
+                # heartbeats do not carry the reason: a new sentence alone waits for the next
+                urgent = batch.ack != self.published_ack or _sans_reason(
+                    batch.status
+                ) != _sans_reason(self.published)
                 self.published, self.published_ack = batch.status, batch.ack
-                self.on_change()
+                if urgent:
+                    self.on_change()
 
     def _report(self, event: Any) -> None:
         """Step an event that comes from a task of this runner (script end, checker)."""

@@ -44,6 +44,7 @@ class DemoServer(ThreadingHTTPServer):
     """Threading HTTP server carrying the node name and the records file."""
 
     allow_reuse_address = True
+    request_queue_size = 128  # the listen backlog: SYNs beyond it are dropped (1 s retry)
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], node: str, data_dir: Path) -> None:

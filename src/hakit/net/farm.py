@@ -377,7 +377,11 @@ def _vip_rules(spec: FarmSpec) -> list[str]:
         bucket = f"jhash {key} mod {spec.buckets} seed {spec.seed:#010x}"
         if rule.proto == "tcp":
             rules += [
-                f'{match} ct state established counter name "established" accept',
+                # a pure SYN never passes as "established": the old owner of a moved bucket
+                # may track a half-open connection whose SYN the client retransmits, which
+                # the new owner answers (it owns the bucket) — only one node may
+                f"{match} ct state established tcp flags & (fin | syn | rst | ack) != syn"
+                ' counter name "established" accept',
                 f"{match} {bucket} @owned tcp flags & (fin | syn | rst | ack) == syn"
                 ' counter name "new" accept',
             ]
@@ -615,6 +619,13 @@ def setup(spec: FarmSpec, state_dir: Path) -> None:
                 log.warning("farm %s: could not undo a failed set-up: %s", spec.module, exc)
             raise
     log.debug("farm %s: data path set up on %s", spec.module, spec.interface)
+
+
+def fail_closed(spec: FarmSpec) -> bool:
+    """Take the VIP off ``lo`` so that this node accepts nothing for it, whatever its nft
+    rules say (for when a ruleset change fails). True if it was there. :func:`teardown`
+    later finds it gone, which is fine."""
+    return del_vip("lo", f"{spec.vip}/32")
 
 
 def teardown(module: str, state_dir: Path) -> list[str]:
