@@ -88,7 +88,7 @@ def test_ingress_keeps_owned_loose_and_the_buckets_the_agent_still_tracks() -> N
     ]
 
 
-def test_tracked_buckets_are_those_of_any_tcp_entry_to_the_vip_ports() -> None:
+def test_tracked_buckets_are_those_of_open_tcp_entries_to_the_vip_ports() -> None:
     line = (
         "ipv4     2 tcp      6 {t} {state} src={src} dst={dst} sport={sport} dport={dport}"
         " src={dst} dst={src} sport={dport} dport={sport} [ASSURED] mark=0 use=1"
@@ -99,8 +99,11 @@ def test_tracked_buckets_are_those_of_any_tcp_entry_to_the_vip_ports() -> None:
                 t=9, state="ESTABLISHED", src="192.0.2.210", dst="192.0.2.200", sport=4000, dport=80
             ),
             line.format(
-                t=9, state="TIME_WAIT", src="192.0.2.211", dst="192.0.2.200", sport=4001, dport=443
+                t=9, state="FIN_WAIT", src="192.0.2.211", dst="192.0.2.200", sport=4001, dport=443
             ),
+            line.format(
+                t=9, state="TIME_WAIT", src="192.0.2.214", dst="192.0.2.200", sport=4004, dport=80
+            ),  # over
             line.format(
                 t=9, state="ESTABLISHED", src="192.0.2.212", dst="192.0.2.200", sport=4002, dport=22
             ),  # another port
@@ -127,7 +130,7 @@ def test_prerouting_runs_after_conntrack_and_skips_the_nodes_own_packets() -> No
 def test_tcp_established_first_then_syn_of_owned_then_any_packet_of_loose_else_drop() -> None:
     hashed = "jhash ip saddr mod 256 seed 0x0000beef"
     assert chain(ruleset(WEB, {1, 2}, {3}), "vip") == [
-        'tcp dport { 80, 443 } ct state established tcp flags & (fin | syn | rst | ack) != syn'
+        "tcp dport { 80, 443 } ct state established tcp flags & (fin | syn | rst | ack) != syn"
         ' counter name "established" accept',
         f"tcp dport {{ 80, 443 }} {hashed} @owned tcp flags & (fin | syn | rst | ack) == syn"
         ' counter name "new" accept',

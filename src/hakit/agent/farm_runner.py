@@ -305,11 +305,13 @@ class FarmRunner(RunnerBase):
             await asyncio.sleep(COUNTERS_PERIOD)
 
     async def _prune_recent(self) -> None:
+        # a bucket no longer owned gets no new connection here: once conntrack holds none of
+        # its connections, none can appear, so it is safe to stop keeping it. The table is read
+        # outside the lock (it can be large): a ruleset change never waits for it
+        before = self.recent
+        live = await asyncio.to_thread(farm_net.tracked_buckets, self.spec)
         async with self._nft:
-            # a bucket no longer owned gets no new connection here: once conntrack holds none
-            # of its connections, none can appear, so it is safe to stop keeping it
-            live = await asyncio.to_thread(farm_net.tracked_buckets, self.spec)
-            recent = self.recent & live
+            recent = self.recent - (before - live)
             if recent != self.recent:
                 keep = self.owned | self.loose | recent
                 await asyncio.to_thread(

@@ -502,8 +502,8 @@ def count_established(text: str, vip: str, ports: Iterable[int]) -> int:
 
 
 def tracked_buckets(spec: FarmSpec) -> set[int]:
-    """Buckets of the TCP connections to the VIP this node tracks (any state): a released
-    bucket must stay past the ingress chain while it holds one of them."""
+    """Buckets of the TCP connections to the VIP this node tracks and that are not over yet: a
+    released bucket must stay past the ingress chain while it holds one of them."""
     try:
         text = Path("/proc/net/nf_conntrack").read_text(encoding="ascii", errors="replace")
     except OSError as exc:
@@ -512,12 +512,18 @@ def tracked_buckets(spec: FarmSpec) -> set[int]:
 
 
 def buckets_in_conntrack(text: str, spec: FarmSpec) -> set[int]:
-    """The buckets of the TCP entries to ``spec.vip`` on its TCP ports in ``text``. Pure."""
+    """The buckets of the TCP entries to ``spec.vip`` on its TCP ports in ``text``, but for
+    connections already over (TIME_WAIT, CLOSE). Pure; cheap on big tables (a substring test
+    first, one hash per client address or address and port)."""
     by_port = {p: r.by for r in spec.rules if r.proto == "tcp" for p in r.ports}
     out: set[int] = set()
+    seen: dict[tuple[str, int | None], int] = {}
+    needle = f"dst={spec.vip} "
     for line in text.splitlines():
+        if needle not in line:
+            continue
         words = line.split()
-        if len(words) < 6 or words[2] != "tcp":
+        if len(words) < 6 or words[2] != "tcp" or words[5] in ("TIME_WAIT", "CLOSE"):
             continue
         fields: dict[str, str] = {}
         for word in words[5:]:  # the original direction comes first: keep first occurrences
@@ -529,8 +535,10 @@ def buckets_in_conntrack(text: str, spec: FarmSpec) -> set[int]:
             continue
         if fields.get("dst") != spec.vip or dport not in by_port:
             continue
-        port = sport if by_port[dport] == "client-ip-port" else None
-        out.add(client_bucket(src, spec.seed, spec.buckets, port))
+        key = (src, sport if by_port[dport] == "client-ip-port" else None)
+        if key not in seen:
+            seen[key] = client_bucket(src, spec.seed, spec.buckets, key[1])
+        out.add(seen[key])
     return out
 
 
