@@ -58,8 +58,8 @@ from hakit.core.farm import (
 )
 from hakit.core.peers import PeerTracker
 from hakit.model import NodeId, State
+from tests.core.simclock import SimClock
 
-STEP = 0.01
 NETWORK = "lan"
 
 
@@ -98,7 +98,7 @@ class SimFarmNode:
     drain_at: float | None = None
 
 
-class FarmSim:
+class FarmSim(SimClock):
     """``n`` nodes ``n1``…``nN`` running one farm module ``web``."""
 
     def __init__(
@@ -222,26 +222,7 @@ class FarmSim:
         members = {NodeId(n): self.weights.get(NodeId(n), 1) for n in self.up_nodes()}
         return owners(members, self.seed)
 
-    def log(self, line: str) -> None:
-        self.transcript.append(f"{self.now:7.2f} {line}")
-
     # -------------------------------------------------------------- time
-    def run(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self.now < end - 1e-9:
-            self._advance()
-
-    def run_until(self, cond: Callable[[], bool], limit: float = 30.0) -> float:
-        """Advance until ``cond()``; return the simulated time it took. Fails after ``limit``."""
-        start = self.now
-        while not cond():
-            if self.now - start > limit:
-                raise AssertionError(
-                    f"condition not reached in {limit} s:\n" + "\n".join(self.transcript[-30:])
-                )
-            self._advance()
-        return self.now - start
-
     def run_until_stable(self, limit: float = 60.0) -> None:
         """Advance until the convergence check has passed (nothing changed for 2 × timeout)."""
         self.checked_stable = False
@@ -315,7 +296,6 @@ class FarmSim:
                 node.script = (script, self.now + took, ok)
 
     def _advance(self) -> None:
-        self.now = round(self.now + STEP, 6)
         due = [m for m in self.in_flight if m.at <= self.now]
         if due:
             self.in_flight = [m for m in self.in_flight if m.at > self.now]

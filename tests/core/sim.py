@@ -58,8 +58,7 @@ from hakit.core.freshness import DataRecord, DataState
 from hakit.core.mirror import CommandRefused, Durable, MirrorMachine, MirrorSettings
 from hakit.core.peers import PeerTracker
 from hakit.model import ModuleName, NodeId, State
-
-STEP = 0.01
+from tests.core.simclock import SimClock
 
 
 @dataclass
@@ -98,7 +97,7 @@ class SimNode:
     next_heartbeat: float = 0.0
 
 
-class SimCluster:
+class SimCluster(SimClock):
     """Two nodes, ``n1`` and ``n2``, running the given mirror modules."""
 
     def __init__(
@@ -231,28 +230,6 @@ class SimCluster:
         rep = self.nodes[node].modules[ModuleName(module)].replica
         assert rep is not None
         return rep.record
-
-    def log(self, line: str) -> None:
-        self.transcript.append(f"{self.now:7.2f} {line}")
-
-    # -------------------------------------------------------------- time
-    def run(self, seconds: float) -> None:
-        end = self.now + seconds
-        while self.now < end - 1e-9:
-            self.now = round(self.now + STEP, 6)
-            self._advance()
-
-    def run_until(self, cond: Callable[[], bool], limit: float = 30.0) -> float:
-        """Advance until ``cond()``; return the simulated time it took. Fails after ``limit``."""
-        start = self.now
-        while not cond():
-            if self.now - start > limit:
-                raise AssertionError(
-                    f"condition not reached in {limit} s:\n" + "\n".join(self.transcript[-30:])
-                )
-            self.now = round(self.now + STEP, 6)
-            self._advance()
-        return self.now - start
 
     # -------------------------------------------------------------- internals
     def _boot(self, node: SimNode) -> None:
