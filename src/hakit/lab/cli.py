@@ -3,7 +3,8 @@
 hakit lab up [--nodes 2] [--module TEMPLATE[:NAME]]… [--profile default|fast]
 hakit lab status | down | heal
 hakit lab exec NODE -- CMD…           (NODE may be "client")
-hakit lab poweroff|poweron|cut NODE
+hakit lab poweroff|poweron|cut|pause|resume NODE
+hakit lab partition NODE_A NODE_B
 hakit lab probe [--seconds S] [--json]
 hakit lab demo                         the guided tour `make demo` runs
 """
@@ -19,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from hakit.lab import agents
+from hakit.lab import agents, faults
 from hakit.lab.lab import DEFAULT_ROOT, Lab
 from hakit.lab.probe import Analysis, format_summary
 
@@ -61,6 +62,17 @@ def add_lab_parser(sub: Any) -> None:
         ("poweroff", "pull the plug of a node (SIGKILL everything, links down)"),
         ("poweron", "boot a node again (its agent starts as at boot)"),
         ("cut", "unplug a node's network cable(s); processes keep running"),
+    ):
+        p = ls.add_parser(verb, help=text)
+        p.add_argument("node")
+    pa = ls.add_parser(
+        "partition", help="cut the traffic between two nodes only (both still reach the client)"
+    )
+    pa.add_argument("node_a")
+    pa.add_argument("node_b")
+    for verb, text in (
+        ("pause", "SIGSTOP a node's agent (its application keeps running)"),
+        ("resume", "SIGCONT a paused agent"),
     ):
         p = ls.add_parser(verb, help=text)
         p.add_argument("node")
@@ -125,6 +137,14 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
             console.print("[red]give a command after --[/red]")
             return 2
         return lab.exec(args.node, argv)
+    if cmd == "partition":
+        faults.partition(lab, args.node_a, args.node_b)
+        console.print(f"{args.node_a} and {args.node_b} no longer reach each other (`lab heal`)")
+        return 0
+    if cmd in ("pause", "resume"):
+        pid = getattr(faults, cmd)(lab, args.node)
+        console.print(f"{args.node}: agent (pid {pid}) {cmd}d")
+        return 0
     if cmd in ("poweroff", "poweron", "cut"):
         getattr(lab, cmd)(args.node)
         console.print(f"{args.node}: {cmd} done")

@@ -51,7 +51,7 @@ from pathlib import Path
 from string import Template
 
 from hakit.errors import LabError
-from hakit.lab import netns
+from hakit.lab import faults, netns
 from hakit.lab.probe import Analysis, Record, analyze, check_target
 from hakit.system.run import Completed, run
 
@@ -584,7 +584,8 @@ class Lab:
 
     def heal(self) -> None:
         """Plug every cable back: all bridge ports up, for the client and every powered-on
-        node (a powered-off node's ports come back with :meth:`poweron`)."""
+        node (a powered-off node's ports come back with :meth:`poweron`), and remove every
+        partition (:func:`hakit.lab.faults.partition`)."""
         state = self.state()
         ports = [netns.CLIENT_NS]
         for n in state.nodes.values():
@@ -594,6 +595,8 @@ class Lab:
         for ns in ports:
             for i in range(state.networks):
                 netns.set_link(netns.SWITCH_NS, netns.bridge_port(ns, i), up=True)
+        if faults.heal_partitions():
+            log.info("partitions removed")
         self._save(state)
         log.info("lab healed")
 

@@ -1,0 +1,116 @@
+"""Fault tools of the lab beyond power and cables: a partition between two nodes, and a
+paused agent.
+
+- :func:`partition` cuts the traffic between two nodes only, on every lab network: the
+  switch (a bridge in namespace ``hksw``) drops the frames it would forward from one node's
+  port to the other's, in both directions, with an nftables ``bridge`` table named
+  ``hkpartition``. Both nodes still reach the client (and a witness on the lab network).
+  :func:`heal_partitions` (also part of :meth:`hakit.lab.lab.Lab.heal`) removes the table.
+- :func:`pause` / :func:`resume` send SIGSTOP / SIGCONT to a node's agent, by the PID the lab
+  started it with, after checking that the PID still lives in that node's namespace: the
+  application and the replicator keep running, the agent sends and reads nothing.
+
+Every ``nft`` call runs inside the switch namespace (never in the root namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from typing import TYPE_CHECKING
+
+from hakit.errors import LabError
+from hakit.lab import netns
+from hakit.system.run import run
+
+if TYPE_CHECKING:
+    from hakit.lab.lab import Lab
+
+PARTITION_TABLE = "hkpartition"
+
+
+def partition(lab: Lab, a: str, b: str) -> None:
+    """Drop everything the switch would forward between nodes ``a`` and ``b`` (both ways)."""
+    state = lab.state()
+    if a == b:
+        raise LabError("partition: name two different nodes")
+    nodes = [state.nodes.get(a), state.nodes.get(b)]
+    if None in nodes:
+        raise LabError(f"partition: unknown node among {a}, {b} (lab has {sorted(state.nodes)})")
+    rules = []
+    for i in range(state.networks):
+        pa, pb = (netns.bridge_port(n.namespace, i) for n in nodes if n is not None)
+        rules += [
+            f'add rule bridge {PARTITION_TABLE} forward iifname "{pa}" oifname "{pb}" drop',
+            f'add rule bridge {PARTITION_TABLE} forward iifname "{pb}" oifname "{pa}" drop',
+        ]
+    script = "\n".join(
+        [
+            f"add table bridge {PARTITION_TABLE}",
+            f"add chain bridge {PARTITION_TABLE} forward"
+            " { type filter hook forward priority 0; policy accept; }",
+            *rules,
+        ]
+    )
+    run(
+        netns.in_namespace(netns.SWITCH_NS, ["nft", "-f", "-"]),
+        timeout=10,
+        check=True,
+        input_text=script + "\n",
+    )
+
+
+def heal_partitions() -> bool:
+    """Remove every partition; True if there was one."""
+    done = run(
+        netns.in_namespace(netns.SWITCH_NS, ["nft", "delete", "table", "bridge", PARTITION_TABLE]),
+        timeout=10,
+        check=False,
+    )
+    return done.ok
+
+
+def pause(lab: Lab, node: str) -> int:
+    """SIGSTOP the node's agent and wait until it is stopped; returns its PID."""
+    pid = _agent_pid(lab, node)
+    os.kill(pid, signal.SIGSTOP)
+    _wait_state(pid, stopped=True)
+    return pid
+
+
+def resume(lab: Lab, node: str) -> int:
+    """SIGCONT the node's agent and wait until it runs again; returns its PID."""
+    pid = _agent_pid(lab, node)
+    os.kill(pid, signal.SIGCONT)
+    _wait_state(pid, stopped=False)
+    return pid
+
+
+def _wait_state(pid: int, *, stopped: bool, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while is_paused(pid) != stopped:
+        if time.monotonic() > deadline:
+            raise LabError(f"pid {pid} is {'not ' if stopped else ''}stopped after {timeout:g} s")
+        time.sleep(0.01)
+
+
+def is_paused(pid: int) -> bool:
+    """The process is stopped by a signal (state T in /proc)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except (OSError, IndexError):
+        return False
+
+
+def _agent_pid(lab: Lab, node: str) -> int:
+    state = lab.state()
+    n = state.nodes.get(node)
+    if n is None:
+        raise LabError(f"no node {node!r} (lab has {sorted(state.nodes)})")
+    if not n.powered or n.agent_pid is None:
+        raise LabError(f"{node} is powered off: nothing to pause or resume")
+    if n.agent_pid not in netns.namespace_pids(n.namespace):
+        raise LabError(f"{node}: agent PID {n.agent_pid} is not running in {n.namespace}")
+    return n.agent_pid

@@ -1,0 +1,52 @@
+"""The lab's fault tools for split-brain work: a partition between the two nodes (both still
+reach the client), and a paused agent.
+
+What the agents then do is hakit's current, documented behaviour without arbitration (both
+run ALONE until the network heals; the later primary term yields): the tests mark
+``split_brain`` and check the tools and the return to a PRIM + SECOND pair, not arbitration.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from hakit.lab import agents, faults
+from hakit.lab.lab import CLIENT, Lab
+
+from .labkit import MODULE, LabSpec, address
+
+pytestmark = pytest.mark.integration
+
+
+def reaches(lab: Lab, host: str, node: str) -> bool:
+    done = lab.run_in(host, ["ping", "-c", "1", "-W", "1", address(lab, node)], timeout=10)
+    return done.ok
+
+
+@pytest.mark.split_brain
+def test_a_partition_cuts_only_between_the_two_nodes(lab: Lab) -> None:
+    prim, second = agents.wait_pair(lab, MODULE)
+    faults.partition(lab, prim, second)
+    try:
+        assert not reaches(lab, prim, second) and not reaches(lab, second, prim)
+        assert reaches(lab, CLIENT, prim) and reaches(lab, CLIENT, second)
+        # no arbitration yet: the secondary loses its peer and runs alone too
+        agents.wait_states(lab, MODULE, {prim: "ALONE", second: "ALONE"}, timeout=15)
+    finally:
+        lab.heal()
+    assert reaches(lab, prim, second)
+    agents.wait_pair(lab, MODULE, timeout=30)
+
+
+@pytest.mark.split_brain
+def test_a_paused_agent_is_lost_by_its_peer_and_answers_again_once_resumed(lab: Lab) -> None:
+    prim, second = agents.wait_pair(lab, MODULE)
+    pid = faults.pause(lab, prim)
+    try:
+        assert faults.is_paused(pid)
+        assert agents.view(lab, prim) is None  # its API does not answer either
+        agents.wait_states(lab, MODULE, {second: "ALONE"}, timeout=LabSpec().timeout + 10)
+    finally:
+        faults.resume(lab, prim)
+    assert not faults.is_paused(pid)
+    agents.wait_pair(lab, MODULE, timeout=30)
