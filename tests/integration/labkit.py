@@ -51,6 +51,7 @@ class LabSpec:
     modules: tuple[str, ...] = (MODULE,)
     profile: str = "fast"  # a key of hakit.lab.cli.PROFILES: "fast" (100ms/500ms) or "default"
     templates: Path = TEMPLATES
+    data_size: str | None = None  # each node's data on a tmpfs of that size (lab diskfull)
 
     @property
     def timeout(self) -> float:
@@ -76,10 +77,11 @@ class LabHolder:
         *,
         fresh: bool = False,
         start: bool = True,
+        data_size: str | None = None,
     ) -> Lab:
         """A lab of that shape with every module PRIM + SECOND (``start``: else agents only,
         modules STOP, which implies a fresh lab)."""
-        spec = LabSpec(tuple(modules), profile, templates)
+        spec = LabSpec(tuple(modules), profile, templates, data_size)
         if self.lab is not None and self.spec == spec and not fresh and start:
             try:
                 self._restore(self.lab)
@@ -97,7 +99,13 @@ class LabHolder:
         lab = Lab(self.root, templates=spec.templates)
         interval, timeout = PROFILES[spec.profile]
         self.lab = lab  # before up(): close() must take down a half-built lab too
-        lab.up(nodes=2, modules=spec.modules, interval=interval, timeout=timeout)
+        lab.up(
+            nodes=2,
+            modules=spec.modules,
+            interval=interval,
+            timeout=timeout,
+            data_size=spec.data_size,
+        )
         agents.wait_agents(lab)
         if start:
             start_modules(lab, Console(file=io.StringIO()))

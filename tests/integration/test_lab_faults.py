@@ -8,12 +8,17 @@ run ALONE until the network heals; the later primary term yields): the tests mar
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
+from hakit.errors import LabError
 from hakit.lab import agents, faults
 from hakit.lab.lab import CLIENT, Lab
 
 from .labkit import MODULE, LabSpec, address
+from .test_replication_lab import Writer, records
 
 pytestmark = pytest.mark.integration
 
@@ -50,3 +55,32 @@ def test_a_paused_agent_is_lost_by_its_peer_and_answers_again_once_resumed(lab: 
         faults.resume(lab, prim)
     assert not faults.is_paused(pid)
     agents.wait_pair(lab, MODULE, timeout=30)
+
+
+@pytest.mark.lab(profile="fast", data_size="64M")
+def test_diskfull_fills_one_nodes_data_file_system_and_the_primary_keeps_serving(
+    lab: Lab,
+) -> None:
+    prim, second = agents.wait_pair(lab, MODULE)
+    taken = faults.diskfull(lab, second)
+    try:
+        assert taken > 0
+        assert os.statvfs(lab.root / second / "data").f_bavail == 0
+        assert os.statvfs(lab.root / prim / "data").f_bavail > 0  # only that node's
+        writer = Writer(lab)
+        agents.wait_states(lab, MODULE, {prim: "ALONE"}, timeout=15)  # secondary dropped
+        time.sleep(1.0)
+        acked = writer.stop()
+        assert acked, "the primary kept acknowledging writes"
+    finally:
+        assert faults.diskfree(lab, second)
+    assert not faults.diskfree(lab, second)
+    agents.wait_pair(lab, MODULE, timeout=60)  # resynchronised once the space is back
+    on_second = records(lab, second)
+    assert on_second == records(lab, prim)  # the copies are the same again
+    assert {f"rec-{i}" for i in acked} <= set(on_second)
+
+
+def test_diskfull_needs_a_lab_with_its_own_data_file_systems(lab: Lab) -> None:
+    with pytest.raises(LabError, match="--data-size"):
+        faults.diskfull(lab, "n1")

@@ -3,7 +3,7 @@
 hakit lab up [--nodes 2] [--module TEMPLATE[:NAME]]… [--profile default|fast]
 hakit lab status | down | heal
 hakit lab exec NODE -- CMD…           (NODE may be "client")
-hakit lab poweroff|poweron|cut|pause|resume NODE
+hakit lab poweroff|poweron|cut|pause|resume|diskfull|diskfree NODE
 hakit lab partition NODE_A NODE_B
 hakit lab probe [--seconds S] [--json]
 hakit lab demo                         the guided tour `make demo` runs
@@ -44,6 +44,12 @@ def add_lab_parser(sub: Any) -> None:
     )
     up.add_argument("--networks", type=int, default=1, choices=(1, 2))
     up.add_argument(
+        "--data-size",
+        default=None,
+        metavar="SIZE",
+        help="each node's data on its own tmpfs of SIZE (e.g. 256M), for `lab diskfull`",
+    )
+    up.add_argument(
         "--profile",
         choices=sorted(PROFILES),
         default="default",
@@ -73,6 +79,8 @@ def add_lab_parser(sub: Any) -> None:
     for verb, text in (
         ("pause", "SIGSTOP a node's agent (its application keeps running)"),
         ("resume", "SIGCONT a paused agent"),
+        ("diskfull", "fill a node's data file system (lab built with --data-size)"),
+        ("diskfree", "give a node's data file system its space back"),
     ):
         p = ls.add_parser(verb, help=text)
         p.add_argument("node")
@@ -102,6 +110,7 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
                 networks=args.networks,
                 interval=interval,
                 timeout=timeout,
+                data_size=args.data_size,
             )
             agents.wait_agents(lab)
         console.print(
@@ -144,6 +153,14 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
     if cmd in ("pause", "resume"):
         pid = getattr(faults, cmd)(lab, args.node)
         console.print(f"{args.node}: agent (pid {pid}) {cmd}d")
+        return 0
+    if cmd == "diskfull":
+        taken = faults.diskfull(lab, args.node)
+        console.print(f"{args.node}: data file system full ({taken / 1e6:.0f} MB taken)")
+        return 0
+    if cmd == "diskfree":
+        freed = faults.diskfree(lab, args.node)
+        console.print(f"{args.node}: " + ("space given back" if freed else "was not full"))
         return 0
     if cmd in ("poweroff", "poweron", "cut"):
         getattr(lab, cmd)(args.node)

@@ -6,6 +6,8 @@ paused agent.
   port to the other's, in both directions, with an nftables ``bridge`` table named
   ``hkpartition``. Both nodes still reach the client (and a witness on the lab network).
   :func:`heal_partitions` (also part of :meth:`hakit.lab.lab.Lab.heal`) removes the table.
+- :func:`diskfull` fills a node's data file system (a tmpfs: the lab must be built with
+  ``data_size``) with one file, leaving no free block; :func:`diskfree` removes it.
 - :func:`pause` / :func:`resume` send SIGSTOP / SIGCONT to a node's agent, by the PID the lab
   started it with, after checking that the PID still lives in that node's namespace: the
   application and the replicator keep running, the agent sends and reads nothing.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from hakit.errors import LabError
@@ -69,6 +72,45 @@ def heal_partitions() -> bool:
         check=False,
     )
     return done.ok
+
+
+FILLER = ".lab-diskfull"
+
+
+def diskfull(lab: Lab, node: str) -> int:
+    """Fill ``node``'s data file system; returns the bytes taken."""
+    data = _data_fs(lab, node)
+    st = os.statvfs(data)
+    free = st.f_bavail * st.f_frsize
+    fd = os.open(data / FILLER, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        size = os.fstat(fd).st_size
+        if free:
+            os.posix_fallocate(fd, size, free)
+        return free
+    finally:
+        os.close(fd)
+
+
+def diskfree(lab: Lab, node: str) -> bool:
+    """Give ``node``'s data file system its space back; True if it was full."""
+    try:
+        (_data_fs(lab, node) / FILLER).unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def _data_fs(lab: Lab, node: str) -> Path:
+    state = lab.state()
+    if node not in state.nodes:
+        raise LabError(f"no node {node!r} (lab has {sorted(state.nodes)})")
+    if state.data_size is None:
+        raise LabError(
+            "the lab's data lives on the host's disk: build it with `lab up --data-size 256M` "
+            "to fill one node's file system"
+        )
+    return lab.root / node / "data"
 
 
 def pause(lab: Lab, node: str) -> int:

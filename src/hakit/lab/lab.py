@@ -169,6 +169,7 @@ class LabState:
     timeout: str  # heartbeat timeout, e.g. "3s"
     nodes: dict[str, NodeState]
     modules: list[ModuleSpec]
+    data_size: str | None = None  # each node's data on its own tmpfs of this size (diskfull)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -183,6 +184,7 @@ class LabState:
             timeout=data["timeout"],
             nodes={k: NodeState(**v) for k, v in data["nodes"].items()},
             modules=[ModuleSpec(**m) for m in data["modules"]],
+            data_size=data.get("data_size"),
         )
 
 
@@ -373,8 +375,14 @@ class Lab:
         networks: int = 1,
         interval: str = "500ms",
         timeout: str = "3s",
+        *,
+        data_size: str | None = None,
     ) -> LabState:
         """Build the lab from scratch and start one agent per node; return its state.
+
+        ``data_size`` (e.g. "256M"): each node's ``data`` directory is a tmpfs of that size, so
+        that :func:`hakit.lab.faults.diskfull` can fill one node's file system without
+        touching the host's disk.
 
         ``nodes``: 1..39. ``modules``: ``TEMPLATE`` or ``TEMPLATE:NAME`` entries (templates
         under hakit/templates). ``networks``: 1 (lan) or 2 (lan + backup). ``interval`` and
@@ -406,6 +414,7 @@ class Lab:
             timeout=timeout,
             nodes={f"n{i}": NodeState(f"n{i}", i) for i in range(1, nodes + 1)},
             modules=specs,
+            data_size=data_size,
         )
         self._save(state)  # first, so that down() can clean up after a crash from here on
         try:
@@ -434,6 +443,9 @@ class Lab:
             base = self.root / node
             for sub in ("etc/modules", "state", "run", "data"):
                 (base / sub).mkdir(parents=True, exist_ok=True)
+            if state.data_size is not None:  # before the module folders are made in it
+                opts = f"size={state.data_size},mode=0755"
+                run(["mount", "-t", "tmpfs", "-o", opts, "hakit-lab-data", str(base / "data")])
             self.config_path(node).write_text(cluster_toml(state, node), encoding="utf-8")
             fd = os.open(base / "etc" / "cluster.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "w", encoding="ascii") as f:
