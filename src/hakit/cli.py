@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from hakit import config as configmod
+from hakit.agent.heartbeat_size import heartbeat_problems
 from hakit.api.client import AgentClient, CommandRefusedByAgent
 from hakit.errors import ConfigError, HakitError
 from hakit.model import State
@@ -173,6 +174,9 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
         return 0
     if args.command == "config":
         cfg = configmod.load(config_path(args))
+        problems = heartbeat_problems(cfg)
+        if problems:
+            raise ConfigError(problems)
         console.print(
             f"[green]configuration OK[/green]: cluster {cfg.cluster.name!r}, "
             f"nodes {', '.join(sorted(cfg.cluster.nodes))}, "

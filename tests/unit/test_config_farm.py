@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from hakit.agent.heartbeat_size import heartbeat_problems, largest_heartbeat
 from hakit.config import load
 from hakit.errors import ConfigError
 
@@ -104,3 +105,25 @@ def test_a_mirror_script_in_a_farm_module_is_refused(tmp_path: Path) -> None:
     [problem] = problems(write(tmp_path, FARM.format(extra=""), "start_prim"))
 
     assert "a farm module never runs this script" in problem and "start_both" in problem
+
+
+def test_a_heartbeat_that_cannot_fit_in_a_datagram_is_refused_with_the_fix(
+    tmp_path: Path,
+) -> None:
+    cluster = write(tmp_path, FARM.format(extra=""))
+    small = load(cluster)
+    assert heartbeat_problems(small) == []
+    assert 300 < largest_heartbeat(small, "n1") < 2000
+    text = cluster.read_text()
+    nodes = "".join(
+        f'\n[nodes.node{i:02d}]\naddresses = {{ lan = "192.0.2.{100 + i}" }}\n' for i in range(28)
+    )
+    cluster.write_text(text + nodes)
+    for k in range(7):  # 7 farm modules of 32 nodes
+        folder = tmp_path / "modules" / f"farm{k}"
+        folder.mkdir()
+        (folder / "module.toml").write_text(FARM.format(extra="").replace("n2 = 3", "n1 = 2"))
+
+    [problem, *_] = heartbeat_problems(load(cluster))
+
+    assert "datagram limit" in problem and "fewer modules" in problem

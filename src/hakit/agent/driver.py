@@ -23,6 +23,7 @@ import time
 from typing import Any
 
 from hakit.agent.farm_runner import FarmRunner
+from hakit.agent.heartbeat_size import heartbeat_problems
 from hakit.agent.module_runner import ModuleRunner
 from hakit.agent.store import Store
 from hakit.api.server import ApiServer
@@ -45,6 +46,9 @@ class Agent:
             raise ValueError(
                 f"node {node!r} is not in {config.path} (nodes: {sorted(config.cluster.nodes)})"
             )
+        too_big = [p for p in heartbeat_problems(config) if p.startswith(f"node {node}:")]
+        if too_big:
+            raise ValueError(too_big[0])
         self.config = config
         self.node = node
         self.clock = time.monotonic

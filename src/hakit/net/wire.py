@@ -102,6 +102,27 @@ class Envelope:
     payload: dict[str, Any]
 
 
+def _body(env: Envelope) -> bytes:
+    return json.dumps(
+        {
+            "cluster": env.cluster,
+            "sender": env.sender,
+            "incarnation": env.incarnation,
+            "seq": env.seq,
+            "payload": env.payload,
+        },
+        sort_keys=True,
+        separators=(",", ":"),
+        ensure_ascii=False,
+        allow_nan=False,
+    ).encode("utf-8")
+
+
+def encoded_size(env: Envelope) -> int:
+    """Bytes of the datagram :func:`encode` would build for ``env`` (even above the limit)."""
+    return len(HEADER) + len(_body(env)) + MAC_SIZE
+
+
 def encode(key: bytes, env: Envelope) -> bytes:
     """Serialize and authenticate ``env``; raise ``WireError("too_big")`` above 8 KiB."""
     _check_key(key)
@@ -116,20 +137,7 @@ def encode(key: bytes, env: Envelope) -> bytes:
     )
     if problem is not None:
         raise ValueError(f"cannot encode envelope: {problem}")
-    body = json.dumps(
-        {
-            "cluster": env.cluster,
-            "sender": env.sender,
-            "incarnation": env.incarnation,
-            "seq": env.seq,
-            "payload": env.payload,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-    ).encode("utf-8")
-    signed = HEADER + body
+    signed = HEADER + _body(env)
     size = len(signed) + MAC_SIZE
     if size > MAX_DATAGRAM:
         raise WireError("too_big", f"envelope of {size} bytes exceeds {MAX_DATAGRAM}")
