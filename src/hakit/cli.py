@@ -232,7 +232,9 @@ def _state(args: argparse.Namespace, console: Console) -> int:
 def state_table(node: str, modules: dict[str, Any], peers: dict[str, Any]) -> Table:
     """The coloured state table of one node (used by `hakit state` and the lab)."""
     table = Table(title=f"node {node}", title_justify="left", expand=False)
-    for col in ("module", "state", "since", "peer", "data", "reason"):
+    farm = any(m.get("mode") == "farm" for m in modules.values())
+    cols = ("peer / members", "data / packets") if farm else ("peer", "data")
+    for col in ("module", "state", "since", *cols, "reason"):
         table.add_column(col, overflow="fold")
     for name, m in sorted(modules.items()):
         if m.get("mode") == "farm":
