@@ -170,6 +170,20 @@ def test_buckets_of_a_lost_peer_are_taken_loose_and_stay_loose_until_released() 
     assert (apply.owned, apply.loose) == (SHARE[N1], frozenset())
 
 
+def test_a_peer_whose_agent_restarted_left_uncleanly_so_its_buckets_are_taken_loose() -> None:
+    """The driver steps PeerLost when a peer's new incarnation is heard: the restarted agent
+    removed its filter at start, its old connections are gone, their clients need a reset."""
+    m = started()
+    heard(m, N2, claims=SHARE[N2])
+    heard(m, N3, claims=SHARE[N3])
+    m.step(2.0, PeerLost(N3, 0.0))  # n3's agent restarted: a new incarnation was heard
+    actions = heard(m, N3, member=False)  # it claims nothing (its filter was removed)
+    actions += heard(m, N2, claims=SHARE[N2])
+    (apply,) = applied(actions)
+    taken = owned_by(owners({N1: 1, N2: 1}, 7), N1) - SHARE[N1]
+    assert apply.loose == taken, "not a clean release: its clients must get a reset"
+
+
 def test_the_version_changes_with_the_status_but_not_with_the_reason() -> None:
     m = started()
     v = m.status.version

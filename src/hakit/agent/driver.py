@@ -218,6 +218,10 @@ class Agent:
                 env.incarnation,
                 network,
             )
+            if change.restarted:  # its agent removed its farm filters when it started again
+                for runner in self.modules.values():
+                    if isinstance(runner, FarmRunner) and change.node in runner.peers:
+                        self._safe_step(runner, PeerLost(change.node, 0.0))
         sender = NodeId(env.sender)
         try:
             received = payload.decode(env.payload, sender, self.incarnation)

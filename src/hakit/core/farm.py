@@ -79,9 +79,9 @@ Driver contract, for every list of actions returned by :meth:`FarmMachine.step`:
 
 Caveats: without arbitration, a node cut off from the others believes them dead and claims
 every bucket until the network heals (then the claims converge again). Loose is decided from
-what this node saw: a node that powers off and is back before its peers lose it is seen as
-having released its buckets cleanly, so its clients' old connections hang until their own
-timeouts; and a node that takes a loose bucket resets the connections that a third node,
+what this node saw (the driver reports a peer whose agent restarted as lost, first): a node
+that powers off and whose new agent is heard only after its buckets moved is seen as having
+released them cleanly, so its clients' old connections hang until their own timeouts; and a node that takes a loose bucket resets the connections that a third node,
 which had released that bucket cleanly earlier, may still be draining.
 """
 
@@ -401,6 +401,9 @@ class FarmMachine:
             case PeerLost(node=node, silent_for=silent):
                 if node in self.settings.peers:
                     self.lost[node] = silent
+                    # its last claims stay "claimed" in ``previous``: a status heard later (a
+                    # new incarnation that claims nothing) is not a clean release
+                    self.peers.pop(node, None)
             case CheckerFailed():
                 self._checker_failed(event, actions)
             case CheckerRecovered(checker=checker):
