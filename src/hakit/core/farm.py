@@ -81,8 +81,9 @@ Caveats: without arbitration, a node cut off from the others believes them dead 
 every bucket until the network heals (then the claims converge again). Loose is decided from
 what this node saw (the driver reports a peer whose agent restarted as lost, first): a node
 that powers off and whose new agent is heard only after its buckets moved is seen as having
-released them cleanly, so its clients' old connections hang until their own timeouts; and a node that takes a loose bucket resets the connections that a third node,
-which had released that bucket cleanly earlier, may still be draining.
+released them cleanly, so its clients' old connections hang until their own timeouts; and a
+node that takes a loose bucket resets the connections that a third node, which had released
+that bucket cleanly earlier, may still be draining.
 """
 
 from __future__ import annotations
