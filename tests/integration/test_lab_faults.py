@@ -37,10 +37,22 @@ def test_a_partition_cuts_only_between_the_two_nodes(lab: Lab) -> None:
         assert reaches(lab, CLIENT, prim) and reaches(lab, CLIENT, second)
         # no arbitration yet: the secondary loses its peer and runs alone too
         agents.wait_states(lab, MODULE, {prim: "ALONE", second: "ALONE"}, timeout=15)
+        for node in (prim, second):  # each side acknowledges a write of its own
+            url = f"http://{address(lab, node)}:8080/append"
+            body = f"written-on-{node}"
+            argv = ["curl", "-sf", "--max-time", "5", "--data-binary", body, url]
+            assert lab.run_in(CLIENT, argv, timeout=15).ok
     finally:
         lab.heal()
     assert reaches(lab, prim, second)
-    agents.wait_pair(lab, MODULE, timeout=30)
+    new_prim, _ = agents.wait_pair(lab, MODULE, timeout=30)
+    loser = second if new_prim == prim else prim
+    kept = records(lab, new_prim)
+    assert f"written-on-{new_prim}" in kept and f"written-on-{loser}" not in kept
+    assert records(lab, loser) == kept  # resynchronised from the primary that stayed
+    # … and what the other side wrote alone is not lost: it is in its recovery folder
+    saved = list((lab.root / loser / "state" / "recovery" / MODULE).glob("*/files/**/records.log"))
+    assert saved and f"written-on-{loser}" in saved[0].read_text()
 
 
 @pytest.mark.split_brain

@@ -95,9 +95,22 @@ class Replicator:
                 self.events.append(json.loads(line))
                 self._cond.notify_all()
 
-    def role(self, role: str, *, force_full: bool = False, timeout: float = 30.0) -> None:
+    def role(
+        self,
+        role: str,
+        *,
+        force_full: bool = False,
+        outdated: bool = False,
+        timeout: float = 30.0,
+    ) -> None:
         self._ids += 1
-        cmd = {"cmd": "role", "id": self._ids, "role": role, "force_full": force_full}
+        cmd = {
+            "cmd": "role",
+            "id": self._ids,
+            "role": role,
+            "force_full": force_full,
+            "outdated": outdated,
+        }
         assert self.proc.stdin is not None
         self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
         self.proc.stdin.flush()

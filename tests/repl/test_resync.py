@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import threading
@@ -226,3 +227,39 @@ def test_verify_finds_silent_corruption_that_diff_cannot(pair: Pair) -> None:
     pair.a.wait_alone(30, since)
     pair.a.wait_in_sync(60, since)
     assert _compare(pair.a, "verify")["differences"] == 0
+
+
+def test_a_node_that_yields_after_a_split_brain_keeps_its_changes_in_the_recovery_folder(
+    pair: Pair,
+) -> None:
+    pair.start()
+    _fill(pair.a.data(), 10)
+    mark = pair.a.mark()
+    pair.b.kill()  # the nodes lose each other; both will run alone
+    (pair.a.data() / "a-alone.txt").write_text("written on a while alone")
+    with (pair.a.data() / "d3" / "f00003").open("r+b") as fh:
+        fh.write(b"a changed this")
+    (pair.a.data() / "d4" / "f00004").unlink()
+    pair.a.wait_alone(since=mark)
+    b = pair.restart("b")
+    b.role("primary")  # b runs alone too (it cannot reach a: a is primary, not listening)
+    b.wait_alone()
+    (b.data() / "b-alone.txt").write_text("written on b while alone")
+
+    # the network heals: a yields, b's copy is kept
+    mark = b.mark()
+    pair.a.role("secondary", outdated=True)
+    b.wait_in_sync(since=mark)
+    _same(pair)
+    assert not (pair.a.data() / "a-alone.txt").exists()
+    [folder] = (pair.root / "a" / "state" / "recovery" / "m").iterdir()
+    saved = folder / "files" / str(pair.a.data()).lstrip("/")
+    assert (saved / "a-alone.txt").read_text() == "written on a while alone"
+    assert (saved / "d3" / "f00003").read_bytes().startswith(b"a changed this")
+    report = json.loads((folder / "report.json").read_text())
+    kinds = {Path(r["path"]).name: (r["kind"], r["saved"]) for r in report["entries"]}
+    assert kinds["a-alone.txt"] == ("file", True)
+    assert kinds["f00004"] == ("deleted", False)
+    assert "a-alone.txt" in (folder / "README.txt").read_text()
+    said = pair.a.wait_for(lambda e: "kept in" in str(e.get("detail", "")), timeout=1)
+    assert str(folder) in said["detail"]  # the agent logs where to look

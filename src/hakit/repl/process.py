@@ -30,7 +30,7 @@ from typing import Any
 
 from hakit import config as cfg
 from hakit.core.freshness import DataRecord, DataState
-from hakit.repl import mounts, tls
+from hakit.repl import mounts, recovery, tls
 from hakit.repl import record as records
 from hakit.repl.applier import Applier
 from hakit.repl.primary import PrimaryReplicator, PrimarySettings
@@ -55,6 +55,7 @@ class Replicator:
         state_dir = config.cluster.state_dir
         self.record_file = records.record_path(state_dir, module)
         self.journal_dir = state_dir / f"{module}.dirty"
+        self.recovery_dir = state_dir / "recovery" / module
         # present while this node is primary: found at start, the last primary role crashed
         self.unclean_marker = state_dir / f"{module}.primary-active"
         rc = self.module.config.replication
@@ -94,10 +95,20 @@ class Replicator:
     ) -> None:
         if outdated:
             # this node ran alone and yielded to a peer whose copy is kept: its own changes
-            # are to be discarded by the next resync, it must never lead with them
+            # are to be discarded by the next resync, it must never lead with them — but
+            # what it changed alone is first kept in the recovery folder
+            if self.role == "primary":
+                self._release()
+                self.role = "idle"
             old = records.load(self.record_file)
+            kept = recovery.save_changes(
+                self.journal_dir, self.paths, self.recovery_dir, generation=old.generation
+            )
             records.save(self.record_file, DataRecord(DataState.OUTDATED, old.generation, False))
-            self.emit_record(records.load(self.record_file), "marked outdated (yielded)")
+            why = "marked outdated (yielded)"
+            if kept is not None:
+                why += f"; what this node changed alone is kept in {kept}"
+            self.emit_record(records.load(self.record_file), why)
         if role == self.role and not force_full:
             return
         self._release()
