@@ -129,6 +129,8 @@ class FarmRunner(RunnerBase):
         for task in (self._counter_task, self._drain_task):
             if task is not None:
                 task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.arp is not None:
             self.arp.stop()
             self.arp = None
