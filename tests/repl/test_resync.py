@@ -221,12 +221,27 @@ def test_verify_finds_silent_corruption_that_diff_cannot(pair: Pair) -> None:
     assert report["differences"] == 1, report
     assert "d3/f00013" in str(report["examples"]), report
 
-    # the operator's fullsync repairs it: a full compare sends the differing block
+    # … and an extended attribute only the secondary has, its mtime kept
+    subprocess.run(["umount", str(pair.b.data())], check=True)
+    try:
+        other = pair.b.data() / "d5" / "f00005"
+        st = other.stat()
+        os.setxattr(other, "user.stray", b"only on the secondary")
+        os.utime(other, ns=(st.st_atime_ns, st.st_mtime_ns))
+    finally:
+        subprocess.run(
+            ["mount", "--bind", "-o", "ro", str(pair.b.data()), str(pair.b.data())], check=True
+        )
+    time.sleep(2.5)  # past a checkpoint: nothing recent is re-sent by chance
+
+    # the operator's fullsync repairs both: every file compared by checksums, every META sent
     since = pair.a.mark()
     assert "full compare" in str(_compare(pair.a, "fullsync")["detail"])
     pair.a.wait_alone(30, since)
     pair.a.wait_in_sync(60, since)
     assert _compare(pair.a, "verify")["differences"] == 0
+    assert os.listxattr(pair.b.data() / "d5" / "f00005") == []
+    _same(pair)
 
 
 def test_a_node_that_yields_after_a_split_brain_keeps_its_changes_in_the_recovery_folder(
@@ -263,3 +278,24 @@ def test_a_node_that_yields_after_a_split_brain_keeps_its_changes_in_the_recover
     assert "a-alone.txt" in (folder / "README.txt").read_text()
     said = pair.a.wait_for(lambda e: "kept in" in str(e.get("detail", "")), timeout=1)
     assert str(folder) in said["detail"]  # the agent logs where to look
+
+
+def test_a_link_broken_while_alone_is_not_written_through_on_the_secondary(pair: Pair) -> None:
+    pair.start()
+    y, w = pair.a.data() / "y", pair.a.data() / "w"
+    y.write_bytes(b"old content " * 1000)
+    os.link(y, w)  # replicated live: one file with two names on both nodes
+    assert (pair.b.data() / "y").stat().st_nlink == 2
+    mark = pair.a.mark()
+    pair.b.kill()
+    tmp = pair.a.data() / "y.tmp"
+    tmp.write_bytes(b"new content " * 1000)
+    tmp.rename(y)  # an application's atomic save: y is a new file, w keeps the old one
+    pair.a.wait_alone(since=mark)
+    mark = pair.a.mark()
+    b = pair.restart("b")
+    b.role("secondary")
+    pair.a.wait_in_sync(since=mark)
+    _same(pair)  # w still holds the old content on the secondary
+    assert (b.data() / "w").read_bytes().startswith(b"old content")
+    assert (b.data() / "y").stat().st_ino != (b.data() / "w").stat().st_ino

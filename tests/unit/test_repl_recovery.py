@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hakit.repl.recovery import save_changes
+from hakit.repl.recovery import discard_journal, save_changes
 from hakit.repl.tracker import DirtyJournal
 
 
@@ -51,7 +51,11 @@ def test_files_beyond_the_limit_are_listed_not_saved_and_the_journal_is_discarde
     assert "NOT saved" in (folder / "README.txt").read_text()
     again = DirtyJournal(jdir)
     again.load()
-    assert not again.active  # discarded: a later resync starts from a clean slate
+    assert again.active  # kept until the caller has marked the copy outdated
+    discard_journal(jdir)
+    again.load()
+    assert not again.active
+    assert oct(folder.stat().st_mode & 0o777) == "0o700"
 
 
 def test_an_empty_or_missing_journal_makes_no_folder(tmp_path: Path) -> None:

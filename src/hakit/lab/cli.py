@@ -60,7 +60,7 @@ def add_lab_parser(sub: Any) -> None:
     )
     ls.add_parser("status", help="hosts, links and module states")
     ls.add_parser("down", help="remove everything the lab created (also after a crash)")
-    ls.add_parser("heal", help="plug every cut cable back")
+    ls.add_parser("heal", help="plug every cut cable back and remove every partition")
     ex = ls.add_parser("exec", help="run a command in a node's namespace (or 'client')")
     ex.add_argument("node")
     ex.add_argument("argv", nargs=argparse.REMAINDER)

@@ -28,7 +28,7 @@ Per operation, beyond the table in :mod:`hakit.repl.protocol`:
 - ``.`` (the replicated directory itself) may be stat'ed, listed, fsync'ed, checksummed and have
   its metadata changed, but not created, removed or renamed: ``EINVAL``.
 - CREATE replaces whatever is at the path (a directory with its whole tree); REMOVE of a missing
-  path succeeds. RENAME accepts ``flags == 0`` only (``EINVAL`` otherwise).
+  path succeeds. RENAME accepts flags 0 and ``RENAME_EXCHANGE`` (``EINVAL`` otherwise).
 - SUMS covers ``[b, b + c)`` clipped at the end of the file: one digest per block of ``a`` bytes,
   the block holding the end of file is short, none for blocks past it.
 - LIST replies are sorted by name; a listing larger than ``MAX_DATA`` is refused with ``E2BIG``
@@ -56,11 +56,13 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import logging
 import os
 import shutil
 import stat
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from hakit.repl import protocol as p
 from hakit.repl.protocol import KEEP, Op, ProtocolError, Reply, RequestHead, StatRec
@@ -78,6 +80,7 @@ _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NO
 _UTIME_OMIT = (1 << 30) - 2
 _AT_SYMLINK_NOFOLLOW = 0x100
 
+log = logging.getLogger(__name__)
 _libc = ctypes.CDLL(None, use_errno=True)
 _Times = ctypes.c_long * 4  # struct timespec[2]
 _libc.utimensat.argtypes = [ctypes.c_int, ctypes.c_char_p, _Times, ctypes.c_int]
@@ -124,6 +127,17 @@ def renameat2(old_dir: int, old: bytes, new_dir: int, new: bytes, flags: int) ->
     """``renameat2(2)``: ``RENAME_EXCHANGE`` swaps both names atomically, ``RENAME_NOREPLACE``
     fails with EEXIST instead of replacing."""
     _check(_libc.renameat2(old_dir, old, new_dir, new, flags))
+
+
+def _xattr_step(path: bytes, attr: str | bytes, change: Callable[..., None], *args: Any) -> None:
+    """One xattr change of a resync; an attribute this file system or this process may not
+    set (SELinux labels, trusted.*, ACLs on a noacl mount) is logged, not fatal."""
+    try:
+        change(*args)
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+            raise
+        log.warning("%r: xattr %r left as it is on this node: %s", path, attr, exc.strerror)
 
 
 def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
@@ -487,16 +501,17 @@ class Applier:
         old_parent, old_name = self._entry(h.root, path)
         new_parent, new_name = self._entry(h.root, new)
         moved = os.stat(old_name, dir_fd=old_parent, follow_symlinks=False).st_mode
+        tree = stat.S_ISDIR(moved)
         if h.a == RENAME_EXCHANGE:
             other = os.stat(new_name, dir_fd=new_parent, follow_symlinks=False).st_mode
-            moved |= other & stat.S_IFDIR
+            tree = tree or stat.S_ISDIR(other)
         self._files.drop((h.root, path))
         self._files.drop((h.root, new))
         if h.a == RENAME_EXCHANGE:
             renameat2(old_parent, old_name, new_parent, new_name, RENAME_EXCHANGE)
         else:
             os.rename(old_name, new_name, src_dir_fd=old_parent, dst_dir_fd=new_parent)
-        if stat.S_ISDIR(moved):
+        if tree:
             self._stale = True  # cached paths below it are wrong now (cleared after this op)
         set_times(old_parent, None, KEEP, h.c)
         set_times(new_parent, None, KEEP, h.d)
@@ -543,6 +558,7 @@ class Applier:
             os.removexattr(proc, attr)
 
     def _meta(self, h: RequestHead, path: bytes, _p2: bytes, data: bytes | memoryview) -> None:
+        wanted = p.decode_xattrs(data) if len(data) else None  # refused before any change
         parent, name = self._at(h.root, path)
         mode = os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode
         if h.a != KEEP and stat.S_IFMT(h.a) not in (0, stat.S_IFMT(mode)):
@@ -557,21 +573,27 @@ class Applier:
             os.chown(name, uid, gid, dir_fd=parent, follow_symlinks=False)
         if h.a != KEEP and not stat.S_ISLNK(mode):
             self._chmod_object(h.root, path, h.a)
-        if len(data):  # after chown, which clears security.capability
-            self._replace_xattrs(h.root, path, p.decode_xattrs(data))
+        if wanted is not None:  # after chown, which clears security.capability
+            self._replace_xattrs(h.root, path, wanted)
         set_times(parent, name, KEEP, h.b)
 
     def _replace_xattrs(self, root: int, path: bytes, wanted: dict[bytes, bytes]) -> None:
         """Make the object's extended attributes exactly ``wanted``."""
         with self._opath(root, path) as proc:
-            for attr in os.listxattr(proc):
+            try:
+                have = os.listxattr(proc)
+            except OSError as exc:  # a file system without xattrs has none to remove
+                if exc.errno in (errno.ENOTSUP, errno.EOPNOTSUPP) and not wanted:
+                    return
+                raise
+            for attr in have:
                 if os.fsencode(attr) not in wanted:
-                    os.removexattr(proc, attr)
+                    _xattr_step(path, attr, os.removexattr, proc, attr)
             for attr_name, value in wanted.items():
                 with contextlib.suppress(OSError):
                     if os.getxattr(proc, attr_name) == value:
                         continue
-                os.setxattr(proc, attr_name, value)
+                _xattr_step(path, attr_name, os.setxattr, proc, attr_name, value)
 
     # ------------------------------------------------------------------ reads (resync)
     def _stat(self, h: RequestHead, path: bytes, _p2: bytes, _d: object) -> bytes:

@@ -103,6 +103,7 @@ class PrimaryReplicator:
         self._recent: list[tuple[int, set[Key]]] = [(0, set())]
         self._threads: list[threading.Thread] = []
         self.resync_progress: dict[str, Any] = {}
+        self._checksum_request = False  # set by full_resync, taken by the next resync
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, force_full: bool, peer_generation: int) -> None:
@@ -145,21 +146,31 @@ class PrimaryReplicator:
             self.journal.flush_ranges()
 
     def full_resync(self, reason: str) -> str:
-        """The operator's ``fullsync``: compare both trees completely (size, mtime, then block
-        checksums) and send every difference, while the application keeps writing.
+        """The operator's ``fullsync``: compare both trees completely (every file by block
+        checksums, every object's metadata and xattrs) and send every difference, while the
+        application keeps writing. Until it ends the secondary is ``resyncing``: it cannot
+        take over if this node dies meanwhile (docs/operator-guide.md says so).
 
         The link to the secondary is dropped and the journal marked full (durably) under the
         order lock, exactly as if the secondary had been lost: from here on every change is
         tracked, the generation moves on, and the reconnection runs a full resync. Returns what
         happens, for the operator."""
+        if self._stop.is_set():
+            return "not primary any more: nothing done"
         with self.order:
             link = self.link
             self._degrade_locked(reason)
             self.journal.force_full()
+            self._checksum_request = True
         if link is not None:
             link.close(reason)
             return "secondary disconnected: a full compare starts when it reconnects (at once)"
         return "no secondary connected: a full compare runs when it connects"
+
+    def take_checksum_request(self) -> bool:
+        """True once after :meth:`full_resync`: the resync then compares every file."""
+        asked, self._checksum_request = self._checksum_request, False
+        return asked
 
     # ------------------------------------------------------------------ file-system API
     def excluded(self, root: int, path: bytes) -> bool:

@@ -31,6 +31,7 @@ from typing import Any
 from hakit import config as cfg
 from hakit.core.freshness import DataRecord, DataState
 from hakit.repl import mounts, recovery, tls
+from hakit.repl import protocol as p
 from hakit.repl import record as records
 from hakit.repl.applier import Applier
 from hakit.repl.primary import PrimaryReplicator, PrimarySettings
@@ -101,13 +102,18 @@ class Replicator:
                 self._release()
                 self.role = "idle"
             old = records.load(self.record_file)
-            kept = recovery.save_changes(
-                self.journal_dir, self.paths, self.recovery_dir, generation=old.generation
-            )
-            records.save(self.record_file, DataRecord(DataState.OUTDATED, old.generation, False))
             why = "marked outdated (yielded)"
-            if kept is not None:
-                why += f"; what this node changed alone is kept in {kept}"
+            try:  # best effort: the yield itself must complete
+                kept = recovery.save_changes(
+                    self.journal_dir, self.paths, self.recovery_dir, generation=old.generation
+                )
+                if kept is not None:
+                    why += f"; what this node changed alone is kept in {kept}"
+            except Exception as exc:
+                log.exception("the changes made alone could not be saved")
+                why += f"; the changes made alone could NOT be saved: {exc}"
+            records.save(self.record_file, DataRecord(DataState.OUTDATED, old.generation, False))
+            recovery.discard_journal(self.journal_dir)  # after: a crash keeps the journal
             self.emit_record(records.load(self.record_file), why)
         if role == self.role and not force_full:
             return
@@ -243,6 +249,11 @@ class _SecondaryHandlers:
         self.rep = rep
 
     def hello(self, obj: dict[str, Any]) -> dict[str, Any]:
+        if obj.get("proto") != p.PROTOCOL_VERSION:
+            raise ValueError(
+                f"the primary speaks replication protocol {obj.get('proto')}, this node "
+                f"{p.PROTOCOL_VERSION}: run the same hakit version on both nodes"
+            )
         if obj.get("module") != self.rep.module.name:
             raise ValueError(f"module {obj.get('module')!r} is not {self.rep.module.name!r}")
         if obj.get("node") != self.rep.peer:
@@ -301,6 +312,13 @@ def main(argv: list[str] | None = None) -> int:
 
     def worker() -> None:
         while (cmd := work.get()) is not None:
+            if cmd.get("cmd") == "fullsync":
+                try:
+                    rep.fullsync(cmd)
+                except Exception as exc:  # the journal could not be written, …: say so
+                    log.exception("fullsync failed")
+                    rep.emit({"ev": "report", "id": cmd.get("id"), "ok": False, "error": str(exc)})
+                continue
             try:
                 rep.set_role(
                     str(cmd["role"]),
@@ -324,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         if cmd.get("cmd") in ("verify", "diff"):
             threading.Thread(target=rep.compare, args=(cmd,), daemon=True).start()
         elif cmd.get("cmd") == "fullsync":
-            threading.Thread(target=rep.fullsync, args=(cmd,), daemon=True).start()
+            work.put(cmd)  # on the role worker: never during a role change
         elif cmd.get("cmd") == "ping":
             rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
         elif cmd.get("cmd") == "role":

@@ -21,14 +21,22 @@ A full resync starts by marking each whole directory as a tree, so every path is
 worker threads process independent entries at once. When the journal is empty under the lock,
 END_RESYNC is queued; the secondary answers once it is up to date and has flushed.
 
-Caveats: hard links made while running alone arrive as separate files; extended attributes
-are only replicated live, not by a resync.
+Hard links: a file with several names on the primary is linked, on the secondary, to a name
+the secondary already has (same device and inode on the primary), then compared by checksums; a
+secondary file whose link count differs from the primary's is replaced rather than written into
+(its other names would change too). Each file's and directory's META carries its whole xattr
+set (left as it is when the primary cannot read it, or above ``MAX_XATTRS``). The operator's
+``fullsync`` also compares every file by checksums and sends every object's META.
+
+Caveats: two names with the same link count on both nodes are taken to be the same link group
+(not checked); paths are resolved on the primary through symbolic links in their parents.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import logging
 import os
 import stat
@@ -49,6 +57,7 @@ log = logging.getLogger("hakit.repl.resync")
 
 CHUNK = 1 << 20
 WINDOW = 32 << 20  # bytes queued per worker before it waits for replies
+MAX_XATTRS = 1 << 20  # bytes of one object's xattr set a resync sends, at most
 
 
 class ResyncError(Exception):
@@ -69,6 +78,8 @@ class Resync:
         self._touched: set[tuple[int, bytes]] = set()
         # what the secondary has at paths listed with their parent (None: nothing)
         self._known: dict[tuple[int, bytes], p.StatRec | None] = {}
+        # the operator's fullsync: every file compared by block checksums, every object's META
+        self.checksums = full and prim.take_checksum_request()
         # per root, inode -> names of the primary's multiply-linked files (built when needed)
         self._links: dict[int, dict[int, list[bytes]]] = {}
 
@@ -154,8 +165,9 @@ class Resync:
             known = self._known.pop((root, path), _UNKNOWN)
         if known is not _UNKNOWN:
             remote = known  # listed with its parent; a path in the journal did not change since
-        elif seen.ranges is not None and not seen.tree:
+        elif seen.ranges is not None and not seen.tree and _single(prim.roots[root], path):
             # only written while tracked: it existed at the base, so the secondary has it
+            # (with links, their number on the secondary is asked)
             remote = _SOME_FILE
         else:
             remote = self._remote_stat(root, path)
@@ -178,7 +190,9 @@ class Resync:
                 content = None
             elif stat.S_ISREG(local.st_mode):
                 same_kind = remote is not None and stat.S_ISREG(remote.mode)
-                if names and (remote is None or remote.nlink != local.st_nlink):
+                regroup = same_kind and remote is not None and remote.nlink != local.st_nlink
+                linked = False
+                if names and (remote is None or regroup):
                     source = self._link_source_locked(root, local, names)
                     if source is not None:  # one inode, as on the primary
                         if remote is not None:
@@ -186,8 +200,13 @@ class Resync:
                         sends.append(
                             self._submit(p.Request(p.Op.LINK, path, source, root=root, d=p.KEEP))
                         )
-                        same_kind = True  # its content is then compared like any file's
+                        same_kind = linked = True  # its content is then compared as usual
                         entry = dataclasses.replace(entry, ranges=None)
+                if regroup and not linked:
+                    # the secondary's file shares its inode with names the primary's does not:
+                    # writing into it would change those too — replace it with a file of its own
+                    sends.append(self._submit(p.Request(p.Op.REMOVE, path, root=root)))
+                    same_kind = False
                 if not same_kind:
                     sends.append(self._create_locked(root, path, local))
                 sends.append(self._meta_locked(root, path, local))
@@ -232,7 +251,7 @@ class Resync:
             if self.prim.excluded(root, name) or self.prim.journal.contains(root, name):
                 continue
             other = _lstat(self.prim.roots[root], name)
-            if other is not None and other.st_ino == local.st_ino:
+            if other is not None and (other.st_dev, other.st_ino) == (local.st_dev, local.st_ino):
                 return name
         return None
 
@@ -279,7 +298,7 @@ class Resync:
                     self._known[(root, child)] = other
                 if stat.S_ISDIR(ours.mode):
                     prim.journal.mark_tree(root, child, durable=False)
-                elif other is None or _differs(ours, other):
+                elif other is None or _differs(ours, other) or self.checksums:
                     prim.journal.mark(root, child, durable=False)
         sends.append(self._meta_locked(root, path, local))
         return sends
@@ -380,7 +399,12 @@ class Resync:
         size = st.st_size if stat.S_ISREG(st.st_mode) else p.KEEP
         xattrs = b""
         if stat.S_ISREG(st.st_mode) or stat.S_ISDIR(st.st_mode):
-            xattrs = p.encode_xattrs(_xattrs(self.prim.roots[root], path))
+            attrs = _xattrs(self.prim.roots[root], path)
+            if attrs is not None:
+                xattrs = p.encode_xattrs(attrs)
+            if len(xattrs) > MAX_XATTRS:
+                log.warning("%r: %d bytes of xattrs left as they are", path, len(xattrs))
+                xattrs = b""
         return self._submit(
             p.Request(
                 p.Op.META,
@@ -445,7 +469,23 @@ _NAMESPACE = frozenset({p.Op.REMOVE, p.Op.CREATE, p.Op.MKDIR, p.Op.SYMLINK, p.Op
 
 
 def _differs(a: p.StatRec, b: p.StatRec) -> bool:
+    """Worth a closer look: size, mtime, mode, owner, or (files) the number of links."""
+    if stat.S_ISREG(a.mode) and stat.S_ISREG(b.mode) and a.nlink != b.nlink:
+        return True
     return (a.size, a.mtime_ns, a.mode, a.uid, a.gid) != (b.size, b.mtime_ns, b.mode, b.uid, b.gid)
+
+
+def _single(root_fd: int, path: bytes) -> bool:
+    """The primary's file has one name (or is gone)."""
+    st = _lstat(root_fd, path)
+    return st is None or st.st_nlink == 1
+
+
+def _same_dev(dir_fd: int, name: bytes, dev: int) -> bool:
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_dev == dev
+    except OSError:
+        return False
 
 
 def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
@@ -458,7 +498,9 @@ def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
 def _multi_linked(root_fd: int) -> dict[int, list[bytes]]:
     """inode -> names (protocol paths) of every regular file below ``root_fd`` with links."""
     out: dict[int, list[bytes]] = {}
-    for top, _dirs, files, dir_fd in os.fwalk(b".", dir_fd=root_fd):
+    dev = os.fstat(root_fd).st_dev  # mount points below the directory are not walked
+    for top, dirs, files, dir_fd in os.fwalk(b".", dir_fd=root_fd):
+        dirs[:] = [d for d in dirs if _same_dev(dir_fd, d, dev)]
         for name in files:
             with contextlib.suppress(OSError):
                 st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
@@ -468,16 +510,26 @@ def _multi_linked(root_fd: int) -> dict[int, list[bytes]]:
     return out
 
 
-def _xattrs(root_fd: int, path: bytes) -> dict[bytes, bytes]:
-    """Every extended attribute of ``path`` (not following a symlink); {} if it vanished."""
+def _xattrs(root_fd: int, path: bytes) -> dict[bytes, bytes] | None:
+    """Every extended attribute of ``path`` (not following a symlink): {} if it has none, if
+    its file system has none, or if it vanished; None if they cannot be read (the secondary's
+    are then left as they are)."""
     proc = f"/proc/self/fd/{root_fd}/".encode() + path
-    out: dict[bytes, bytes] = {}
     try:
-        for attr in os.listxattr(proc, follow_symlinks=False):
-            with contextlib.suppress(OSError):  # removed meanwhile
-                out[os.fsencode(attr)] = os.getxattr(proc, attr, follow_symlinks=False)
-    except OSError:
-        return {}
+        names = os.listxattr(proc, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTSUP, errno.EOPNOTSUPP):
+            return {}
+        log.warning("%r: xattrs not readable (%s): left as they are", path, exc)
+        return None
+    out: dict[bytes, bytes] = {}
+    for attr in names:
+        try:
+            out[os.fsencode(attr)] = os.getxattr(proc, attr, follow_symlinks=False)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # ENODATA: removed meanwhile, gone on both sides
+                log.warning("%r: xattr %s not readable (%s): left as they are", path, attr, exc)
+                return None
     return out
 
 
