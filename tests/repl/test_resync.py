@@ -299,3 +299,21 @@ def test_a_link_broken_while_alone_is_not_written_through_on_the_secondary(pair:
     _same(pair)  # w still holds the old content on the secondary
     assert (b.data() / "w").read_bytes().startswith(b"old content")
     assert (b.data() / "y").stat().st_ino != (b.data() / "w").stat().st_ino
+
+
+def test_a_directory_replaced_by_a_symlink_while_alone_resyncs(pair: Pair) -> None:
+    pair.start()
+    (pair.a.data() / "d").mkdir()
+    (pair.a.data() / "d" / "x").write_text("x")
+    mark = pair.a.mark()
+    pair.b.kill()
+    (pair.a.data() / "d" / "x").write_text("x changed while alone")  # journals d/x
+    (pair.a.data() / "d").rename(pair.a.data() / "e")
+    (pair.a.data() / "d").symlink_to("e")  # d/x now resolves only through a link
+    pair.a.wait_alone(since=mark)
+    mark = pair.a.mark()
+    b = pair.restart("b")
+    b.role("secondary")
+    pair.a.wait_in_sync(timeout=30, since=mark)
+    _same(pair)
+    assert (b.data() / "d").is_symlink() and (b.data() / "e" / "x").read_text().endswith("alone")

@@ -28,8 +28,9 @@ secondary file whose link count differs from the primary's is replaced rather th
 set (left as it is when the primary cannot read it, or above ``MAX_XATTRS``). The operator's
 ``fullsync`` also compares every file by checksums and sends every object's META.
 
-Caveats: two names with the same link count on both nodes are taken to be the same link group
-(not checked); paths are resolved on the primary through symbolic links in their parents.
+Paths are resolved on the primary without following symbolic links in their parents (a path
+below what is now a link is treated as gone). Caveat: two names with the same link count on both
+nodes are taken to be the same link group (not checked).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from typing import TYPE_CHECKING, Any
 from hakit.repl import protocol as p
 from hakit.repl.link import Link, Pending, ReplicaLost
 from hakit.repl.tracker import DirtyEntry
-from hakit.repl.tree import block_sums, differing_blocks, scan_dir
+from hakit.repl.tree import block_sums, differing_blocks, open_beneath, scan_dir
 
 if TYPE_CHECKING:
     from hakit.repl.primary import PrimaryReplicator
@@ -489,10 +490,24 @@ def _same_dev(dir_fd: int, name: bytes, dev: int) -> bool:
 
 
 def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
+    """``lstat`` of ``path`` below ``root_fd``, None if it is not there — also when one of its
+    parents is now a symbolic link: then ``path`` is no object of the tree (the secondary, which
+    never follows links, would refuse it for ever)."""
+    parent, _, name = path.rpartition(b"/")
     try:
-        return os.stat(path, dir_fd=root_fd, follow_symlinks=False)
-    except FileNotFoundError:
+        if not parent:
+            return os.stat(path, dir_fd=root_fd, follow_symlinks=False)
+        fd = open_beneath(root_fd, parent)
+        try:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+        finally:
+            os.close(fd)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
 
 
 def _multi_linked(root_fd: int) -> dict[int, list[bytes]]:
@@ -535,6 +550,10 @@ def _xattrs(root_fd: int, path: bytes) -> dict[bytes, bytes] | None:
 
 def _open_read(root_fd: int, path: bytes) -> int | None:
     try:
-        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=root_fd)
-    except FileNotFoundError:
+        return open_beneath(root_fd, path, os.O_RDONLY)
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return None
+        raise
