@@ -209,7 +209,15 @@ class Agent:
 
     def _on_envelope(self, network: str, env: Envelope) -> None:
         now = self.clock()
-        change = self.tracker.heard(now, NodeId(env.sender), network, env.incarnation)
+        sender = NodeId(env.sender)
+        try:  # a peer whose statuses cannot be read is not counted as heard (it may be lost)
+            received = payload.decode(env.payload, sender, self.incarnation)
+            farms = farm_payload.decode(env.payload, sender, NodeId(self.node), self.incarnation)
+            counters = farm_payload.decode_counters(env.payload)
+        except payload.PayloadError as exc:
+            log.warning("heartbeat from %s dropped: bad payload: %s", env.sender, exc)
+            return
+        change = self.tracker.heard(now, sender, network, env.incarnation)
         if change is not None:
             log.info(
                 "peer %s %s (incarnation %d, on %s)",
@@ -222,14 +230,6 @@ class Agent:
                 for runner in self.modules.values():
                     if isinstance(runner, FarmRunner) and change.node in runner.peers:
                         self._safe_step(runner, PeerLost(change.node, 0.0))
-        sender = NodeId(env.sender)
-        try:
-            received = payload.decode(env.payload, sender, self.incarnation)
-            farms = farm_payload.decode(env.payload, sender, NodeId(self.node), self.incarnation)
-            counters = farm_payload.decode_counters(env.payload)
-        except payload.PayloadError as exc:
-            log.warning("heartbeat from %s dropped: bad payload: %s", env.sender, exc)
-            return
         for name, runner in self.modules.items():
             if sender not in runner.peers:
                 continue

@@ -11,8 +11,9 @@ while alone) into::
         README.txt                             the same, for a person
 
 and logs where it is. Nothing is silently discarded: a path deleted while alone is listed as
-deleted; files beyond ``limit`` bytes in total are listed as not saved (with the reason), so
-that the folder never fills the disk.
+deleted; files beyond ``limit`` bytes in total (or half the free space of the state
+directory's file system, if less) are listed as not saved with the reason, so that the folder
+never fills the disk the change journal lives on.
 
 Caveats: the journal holds paths, not contents: what is saved is each object as it is now,
 which is the state this node's application last left it in. A journal marked ``full`` (its
@@ -58,7 +59,9 @@ def save_changes(
     dest.mkdir(parents=True, exist_ok=True, mode=0o700)
     folder = dest / f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-g{generation}"
     folder.mkdir(exist_ok=True, mode=0o700)
-    budget = limit
+    fs = os.statvfs(folder)
+    # never more than half the free space: the state directory also holds the change journal
+    budget = min(limit, fs.f_bavail * fs.f_frsize // 2)
     rows: list[dict[str, Any]] = []
     for entry in sorted(entries, key=lambda e: (e.root, e.path)):
         if not 0 <= entry.root < len(roots):
