@@ -8,9 +8,13 @@ Modules:
   heartbeat networks (thin shell around ``wire``).
 - :mod:`hakit.net.vip` — add/remove/test a virtual IP address with netlink (pyroute2) and
   announce it with gratuitous ARP.
-- :mod:`hakit.net.arp` — PURE ARP frame builder/parser, plus the one raw-socket sender.
+- :mod:`hakit.net.arp` — PURE ARP frame builder/parser and the farm's virtual MAC, plus the
+  one raw-socket sender.
+- :mod:`hakit.net.farm` — the farm data path: nftables bucket filter, VIP on ``lo``, sysctls,
+  promiscuous mode, crash-safe set-up and tear-down.
+- :mod:`hakit.net.arp_responder` — the farm's ARP responder thread.
 
-This package module only defines the shared error base, so that submodules can import it
+This package module only defines the shared errors, so that submodules can import them
 without import cycles; it re-exports nothing.
 """
 
@@ -21,3 +25,7 @@ from hakit.errors import HakitError
 
 class NetError(HakitError):
     """A network operation of the agent failed (interface missing, bind failed, ...)."""
+
+
+class FarmError(NetError):
+    """The farm data path could not be set up, changed or read."""

@@ -82,6 +82,14 @@ def mac_from_str(text: str) -> bytes:
     return bytes(int(p, 16) for p in parts)
 
 
+def virtual_mac(vip: str) -> bytes:
+    """The virtual MAC of a farm VIP: ``02:00`` + the 4 bytes of the IPv4 address.
+
+    ``02`` = locally administered, unicast. No node ever uses it as an Ethernet source.
+    """
+    return b"\x02\x00" + ipaddress.IPv4Address(vip).packed
+
+
 def gratuitous_arp(mac: bytes, ip: str) -> bytes:
     """Broadcast gratuitous ARP request announcing that ``ip`` (IPv4) is at ``mac``."""
     if len(mac) != 6:

@@ -66,13 +66,10 @@ Caveats:
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
 import json
 import logging
-import os
 import re
-import select
 import socket
 import threading
 import zlib
@@ -82,14 +79,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from hakit.errors import CommandError
-from hakit.net import NetError
+from hakit.net import FarmError as FarmError  # noqa: PLC0414 (re-exported)
 from hakit.net.arp import (
-    ARPOP_REQUEST,
-    ETH_P_ARP,
-    arp_reply,
     mac_to_str,
-    parse_arp,
+    virtual_mac,
 )
+from hakit.net.arp_responder import ArpResponder as ArpResponder  # noqa: PLC0414
 from hakit.net.vip import add_vip, del_vip, has_vip
 from hakit.system.durable import write_atomic
 from hakit.system.run import run
@@ -104,7 +99,6 @@ STATE_VERSION = 1
 NFT_TIMEOUT = 15.0  # seconds for one nft call
 _IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 _M32 = 0xFFFFFFFF
-_PACKET_OUTGOING = 4  # sll_pkttype of frames this host sent
 
 __all__ = [
     "ArpResponder",
@@ -122,10 +116,6 @@ __all__ = [
     "teardown",
     "virtual_mac",
 ]
-
-
-class FarmError(NetError):
-    """The farm data path could not be set up, changed or read."""
 
 
 # --- the module's description (pure) ------------------------------------------------------
@@ -176,14 +166,6 @@ class FarmSpec:
             raise ValueError(f"farm module {self.module}: seed must be 0 to 2**32-1")
         if not 1 <= self.buckets <= 65536:
             raise ValueError(f"farm module {self.module}: buckets must be 1 to 65536")
-
-
-def virtual_mac(vip: str) -> bytes:
-    """The virtual MAC of a farm VIP: ``02:00`` + the 4 bytes of the IPv4 address.
-
-    ``02`` = locally administered, unicast. No node ever uses it as an Ethernet source.
-    """
-    return b"\x02\x00" + ipaddress.IPv4Address(vip).packed
 
 
 def table_name(module: str) -> str:
@@ -746,126 +728,3 @@ def _set_promisc(interface: str, on: bool) -> None:
 
 
 # --- the ARP responder --------------------------------------------------------------------
-
-
-class ArpResponder:
-    """Answers ARP requests for a farm VIP with its virtual MAC, from a thread.
-
-    ``start`` opens and binds the raw socket (raising :class:`FarmError` if it cannot) before
-    it returns; the thread then answers every ARP request whose target is the VIP with a
-    reply "VIP is at <virtual MAC>", sent from the interface's REAL MAC to the requester.
-    ``stop`` wakes the thread through a pipe and joins it (promptly). The thread never raises:
-    a socket error (interface gone or down) is logged and the socket reopened 1 s later.
-    """
-
-    def __init__(self) -> None:
-        self.replies = 0  # ARP replies sent since start
-        self._thread: threading.Thread | None = None
-        self._wake_r, self._wake_w = -1, -1
-        self._sock: socket.socket | None = None
-        self._interface = ""
-        self._vip = ""
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def start(self, interface: str, vip: str) -> None:
-        """Bind to ``interface`` and start answering for ``vip``; FarmError if it cannot."""
-        if self._thread is not None:
-            raise RuntimeError("ArpResponder already started")
-        self._interface, self._vip = interface, str(ipaddress.IPv4Address(vip))
-        self._sock = self._open()
-        self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._loop, name=f"arp-responder-{vip}", daemon=True)
-        self._thread.start()
-        log.debug("answering ARP for %s on %s", vip, interface)
-
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop the thread (within ``timeout`` seconds) and close the socket; idempotent."""
-        thread, self._thread = self._thread, None
-        if thread is None:
-            return
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-        thread.join(timeout)
-        if thread.is_alive():
-            log.warning("ARP responder for %s did not stop within %.1f s", self._vip, timeout)
-            return  # it owns its socket and pipe until it ends
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        self._wake_r = self._wake_w = -1
-
-    def _open(self) -> socket.socket:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ETH_P_ARP))
-        try:
-            sock.bind((self._interface, ETH_P_ARP))
-        except OSError as exc:
-            sock.close()
-            raise FarmError(
-                f"cannot answer ARP on {self._interface}: {exc.strerror or exc}"
-            ) from exc
-        return sock
-
-    def _loop(self) -> None:
-        sock = self._sock
-        try:
-            while True:
-                if sock is None:
-                    try:
-                        sock = self._open()
-                    except FarmError as exc:
-                        log.warning("%s; retrying in 1 s", exc)
-                        if self._wait(1.0):
-                            return
-                        continue
-                try:
-                    if self._serve(sock):
-                        return
-                except OSError as exc:
-                    log.warning("ARP responder on %s: %s; reopening in 1 s", self._interface, exc)
-                    sock.close()
-                    sock = None
-                    if self._wait(1.0):
-                        return
-                except Exception:  # the thread must never die silently
-                    log.exception(
-                        "ARP responder on %s failed: please report it as a BUG", self._interface
-                    )
-                    if self._wait(1.0):
-                        return
-        finally:
-            if sock is not None:
-                sock.close()
-            self._sock = None
-
-    def _wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``; True if stop was asked meanwhile."""
-        ready, _, _ = select.select([self._wake_r], [], [], seconds)
-        return bool(ready)
-
-    def _serve(self, sock: socket.socket) -> bool:
-        """Answer requests until stop is asked (True); OSError on a socket failure."""
-        real_mac = sock.getsockname()[4]
-        vmac = virtual_mac(self._vip)
-        while True:
-            ready, _, _ = select.select([sock.fileno(), self._wake_r], [], [])
-            if self._wake_r in ready:
-                return True
-            frame, address = sock.recvfrom(2048)
-            if address[2] == _PACKET_OUTGOING:
-                continue
-            request = parse_arp(frame)
-            if (
-                request is None
-                or request.op != ARPOP_REQUEST
-                or request.target_ip != self._vip
-                or request.sender_ip == self._vip  # an announcement, not a question
-            ):
-                continue
-            sock.send(arp_reply(real_mac, vmac, self._vip, request.sender_mac, request.sender_ip))
-            self.replies += 1
-            log.debug(
-                "ARP: told %s that %s is at %s", request.sender_ip, self._vip, mac_to_str(vmac)
-            )
