@@ -204,7 +204,7 @@ class ReplicationConfig(_Strict):
     """How a mirror module's directories are replicated (``[replication]``)."""
 
     port: int = Field(default=7420, ge=1, le=65535)  # TCP port the secondary listens on
-    network: Name | None = None  # heartbeat network carrying the data; default: the first
+    network: Name | None = None  # heartbeat network carrying the data; default: first by name
     ack: Literal["receipt", "durable"] = "receipt"  # when the secondary acknowledges a change
     timeout: Duration = 5.0  # no reply for this long: the secondary is lost, primary goes ALONE
     bandwidth: float | None = Field(None, gt=0)  # resync cap in MB/s (10^6 B); None: no cap

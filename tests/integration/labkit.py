@@ -52,6 +52,7 @@ class LabSpec:
     profile: str = "fast"  # a key of hakit.lab.cli.PROFILES: "fast" (100ms/500ms) or "default"
     templates: Path = TEMPLATES
     data_size: str | None = None  # each node's data on a tmpfs of that size (lab diskfull)
+    networks: int = 1  # 1 (lan) or 2 (lan + backup heartbeat networks)
 
     @property
     def timeout(self) -> float:
@@ -78,10 +79,11 @@ class LabHolder:
         fresh: bool = False,
         start: bool = True,
         data_size: str | None = None,
+        networks: int = 1,
     ) -> Lab:
         """A lab of that shape with every module PRIM + SECOND (``start``: else agents only,
         modules STOP, which implies a fresh lab)."""
-        spec = LabSpec(tuple(modules), profile, templates, data_size)
+        spec = LabSpec(tuple(modules), profile, templates, data_size, networks)
         if self.lab is not None and self.spec == spec and not fresh and start:
             try:
                 self._restore(self.lab)
@@ -104,6 +106,7 @@ class LabHolder:
             modules=spec.modules,
             interval=interval,
             timeout=timeout,
+            networks=spec.networks,
             data_size=spec.data_size,
         )
         agents.wait_agents(lab)

@@ -17,7 +17,7 @@ from hakit.errors import LabError
 from hakit.lab import agents, faults
 from hakit.lab.lab import CLIENT, Lab
 
-from .labkit import MODULE, LabSpec, address
+from .labkit import MODULE, VIP, LabSpec, address, log_marks, log_since
 from .test_replication_lab import Writer, records
 
 pytestmark = pytest.mark.integration
@@ -96,3 +96,33 @@ def test_diskfull_fills_one_nodes_data_file_system_and_the_primary_keeps_serving
 def test_diskfull_needs_a_lab_with_its_own_data_file_systems(lab: Lab) -> None:
     with pytest.raises(LabError, match="--data-size"):
         faults.diskfull(lab, "n1")
+
+
+@pytest.mark.lab(networks=2)
+def test_a_peer_is_lost_only_when_every_heartbeat_network_has_lost_it(lab: Lab) -> None:
+    """Two heartbeat networks, lan and backup; replication runs on the first one by name,
+    backup. Cutting one network of the secondary never makes it take over: the peer is still
+    heard on the other one."""
+    prim, second = agents.wait_pair(lab, MODULE)
+    marks = log_marks(lab)
+    lab.cut(second, "lan")
+    time.sleep(2.0)  # well over the fast profile's 500 ms timeout
+    assert agents.module_states(lab, MODULE) == {prim: "PRIM", second: "SECOND"}
+    lab.heal()
+    lab.cut(second, "backup")  # the replication link breaks, the heartbeats go on over lan
+    try:
+        agents.wait_states(lab, MODULE, {prim: "ALONE"}, timeout=20)
+        time.sleep(1.0)
+        states = agents.module_states(lab, MODULE)
+        assert states[second] not in ("PRIM", "ALONE", "STARTING_PRIM"), states
+        assert agents.vip_holders(lab, VIP) == [prim]
+    finally:
+        lab.heal()
+    agents.wait_pair(lab, MODULE, timeout=30)
+    lost = [
+        line
+        for lines in log_since(lab, marks).values()
+        for line in lines
+        if "lost: no heartbeat" in line
+    ]
+    assert lost == [], lost
