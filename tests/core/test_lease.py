@@ -42,15 +42,34 @@ def test_a_released_lease_goes_at_once_and_only_its_holder_can_release_it() -> N
     assert t.holder(3.6, "db") == N2 and t.holder(9.0, "db") is None
 
 
-def test_after_a_restart_only_the_holder_renews_and_terms_keep_growing() -> None:
-    t = table(now=100.0, high_term=7)  # restarted; 7 was persisted
-    assert not t.acquire(101.0, "db", N2).granted  # a new grant must wait
-    a = t.acquire(101.0, "db", N1, held_term=7)
-    assert (a.granted, a.term) == (True, 7)  # the real holder keeps running
-    assert not t.acquire(101.5, "db", N2, held_term=9).granted  # held by n1 now
-    t.release(102.0, "db", N1)
-    assert not t.acquire(102.5, "db", N2).granted  # still quiet
-    assert t.acquire(103.0, "db", N2).term == 8  # above the persisted high water
+def test_after_a_restart_only_the_recorded_holder_renews_and_terms_keep_growing() -> None:
+    before = table()
+    before.acquire(3.0, "db", N1)  # term 1
+    before.acquire(7.0, "db", N2)  # n1's expired: term 2
+    t = LeaseTable(D, 100.0, before.high_term, before.last)  # restarted from the state
+    assert t.state() == {"high_term": 2, "last": {"db": ["n2", 2]}}
+    assert not t.acquire(101.0, "db", N1, held_term=1).granted  # a stale term: refused
+    assert not t.acquire(101.0, "db", N1).granted  # a new grant must wait
+    a = t.acquire(101.0, "db", N2, held_term=2)
+    assert (a.granted, a.term) == (True, 2)  # the real holder keeps running
+    t.release(102.0, "db", N2)
+    assert t.last["db"] is None  # persisted: a late renewal of n2 cannot revive it
+    assert not t.acquire(102.5, "db", N2, held_term=2).granted
+    assert t.acquire(103.0, "db", N1).term == 3  # above the persisted high water
+
+
+def test_a_released_holding_ignores_the_late_answer_to_an_earlier_renewal() -> None:
+    h = Holding(D, 0.5)
+    h.answered(0.0, Answer(True, N1, 1, D, ""))
+    h.released(0.55)  # before sending the release
+    h.answered(0.4, Answer(True, N1, 1, D, ""))  # the renewal sent at 0.4, answered late
+    assert not h.valid(0.8)
+
+
+def test_the_witness_duration_counts_when_it_is_shorter() -> None:
+    h = Holding(5.0, 0.5)
+    h.answered(10.0, Answer(True, N1, 1, 3.0, ""))
+    assert h.valid(12.4) and not h.valid(12.5)
 
 
 def test_majority_of_witnesses() -> None:
@@ -66,6 +85,10 @@ def test_majority_of_witnesses() -> None:
 @example(  # n1 granted at 3.5 and silent; n2 asks just after the witness's expiry (6.5)
     [(N1, 3.5, 0.0, 0.0, False, False), (N2, 3.1, 0.0, 0.0, False, False)]
 )
+@example(  # a stale renewal of n1's old term reaches a restarted witness after n2 got it
+    [(N2, 2.0, 0.0, 0.0, False, False), (N1, 1.0, 0.0, 0.0, False, False),
+     (N1, 1.9, 1.5, 0.0, False, True), (N2, 1.1, 0.0, 0.0, False, False)]
+)  # fmt: skip
 @example(  # the witness restarts while n1 holds the lease: n2 must not get it meanwhile
     [(N1, 3.5, 0.0, 0.0, False, False), (N2, 0.5, 0.0, 0.0, False, True),
      (N1, 0.5, 0.1, 0.1, False, False), (N2, 1.0, 0.0, 0.0, False, False)]
@@ -110,8 +133,8 @@ def test_two_nodes_never_both_hold_the_lease(
             )  # type: ignore[operator]
         elif kind == "arrive":
             node, sent, back, lost, restart, held = data
-            if restart:
-                witness = table(at, witness.high_term)
+            if restart:  # from what the driver persisted
+                witness = LeaseTable(D, at, witness.high_term, witness.last)
             answer = witness.acquire(at, "db", node, held)  # type: ignore[arg-type]
             if not lost:
                 seq += 1

@@ -8,6 +8,9 @@ import asyncio
 import socket
 from pathlib import Path
 
+import pytest
+
+from hakit.net.wire import Envelope, encode
 from hakit.net.witness import WitnessServer, ask
 
 KEY = b"witness-test-key-0123456789abcdef"
@@ -35,7 +38,9 @@ class Node:
             CLUSTER,
             self.name,
             self.witness,
-            {"op": op, "module": module, "term": term, "req": self.seq},
+            op=op,
+            module=module,
+            term=term,
             incarnation=1,
             seq=self.seq,
             local=local,
@@ -48,7 +53,9 @@ def test_leases_over_udp_and_across_a_restart(tmp_path: Path) -> None:
     async def scenario() -> None:
         state = tmp_path / "witness.json"
         port = free_port()
-        server = WitnessServer(KEY, CLUSTER, NODES, state, duration=D)
+        with pytest.raises(ValueError, match="--new"):
+            WitnessServer(KEY, CLUSTER, NODES, state, duration=D)  # no state: refused
+        server = WitnessServer(KEY, CLUSTER, NODES, state, duration=D, new=True)
         await server.start("127.0.0.1", port)
         n1, n2 = Node("n1", ("127.0.0.1", port)), Node("n2", ("127.0.0.1", port))
         try:
@@ -66,6 +73,13 @@ def test_leases_over_udp_and_across_a_restart(tmp_path: Path) -> None:
             assert await Node("n1", ("127.0.0.1", port), key=b"x" * 32)("acquire") is None
             assert await Node("n9", ("127.0.0.1", port))("acquire") is None
             assert server.dropped == 2
+            # a heartbeat signed with the cluster key itself is no witness request
+            hb = encode(KEY, Envelope(CLUSTER, "n1", 1, 99, {"op": "acquire"}))
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind(("127.0.0.1", 0))
+                s.sendto(hb, ("127.0.0.1", port))
+            await asyncio.sleep(0.1)
+            assert server.dropped == 3
         finally:
             server.close()
             await asyncio.sleep(0.05)  # the socket closes on the next loop turn

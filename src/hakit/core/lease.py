@@ -22,22 +22,31 @@ lease to anyone else, as long as the two clocks' rates differ by less than ``mar
 ``duration``. That is the timing argument of self-fencing: a primary that cannot renew stops
 (application, VIPs) before its deadline; the peer cannot acquire before the lease expired.
 
-Restart of the witness: it knows no holder any more. During one ``duration`` after its start
-it grants nothing new, but accepts a renewal from a node that presents the term it holds — only
-the real holder can believe it holds a lease, and its deadline has not passed — so primaries
-keep running through a witness restart; after that, free leases are granted as usual. Terms
-continue above the high-water mark the driver persisted (:attr:`LeaseTable.high_term`,
-written durably BEFORE a reply that carries a new term is sent).
+Restart of the witness: it knows no live lease any more, only what the driver persisted at
+every change (:meth:`LeaseTable.state`: the term high-water mark and, per module, the last
+holder and term, or none after a release — written durably BEFORE the answer that reveals the
+change is sent). During one ``duration`` after its start it grants nothing new, but renews the
+lease of the recorded holder when it presents exactly the recorded term: that node was the last
+one granted this module's lease and nobody got it since, so primaries keep running through a
+witness restart. After the quiet period, free leases are granted as usual, above the mark.
 
-Caveats: one witness is a single point of decision (use an odd number and :func:`majority`);
-the renewal rule after a restart trusts the term a node presents, which an authenticated
-channel (the cluster key) makes safe against outsiders but not against a node bug.
+A node releases a lease only after its application and VIPs are stopped, and calls
+:meth:`Holding.released` before it sends the release, so that the late answer to an earlier
+renewal cannot make it valid again.
+
+Caveats: one witness is a single point of decision (use an odd number and :func:`majority`;
+each witness issues its own terms: a fencing token across witnesses is still to be defined).
+The node's clock must count suspended time (``CLOCK_BOOTTIME``), and a node paused between a
+``valid()`` check and acting on it is only stopped by fencing tokens. The renewal interval plus
+the request timeout plus the time to stop the application must stay below
+``duration - margin``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from hakit.model import NodeId
 
@@ -63,13 +72,26 @@ class _Lease:
 class LeaseTable:
     """The leases one witness keeps, one per module. ``now``: the witness's monotonic clock."""
 
-    def __init__(self, duration: float, now: float, high_term: int = 0) -> None:
+    def __init__(
+        self,
+        duration: float,
+        now: float,
+        high_term: int = 0,
+        last: Mapping[str, tuple[NodeId, int] | None] | None = None,
+    ) -> None:
         if duration <= 0:
             raise ValueError("duration must be positive")
         self.duration = duration
         self.high_term = high_term  # persisted by the driver before any reply carrying more
+        # per module: the last holder and term granted, None once released (persisted too)
+        self.last: dict[str, tuple[NodeId, int] | None] = dict(last or {})
         self._quiet_until = now + duration  # after a (re)start: no new grants for one duration
         self._leases: dict[str, _Lease] = {}
+
+    def state(self) -> dict[str, Any]:
+        """What the driver persists (JSON-ready) before answering after a change."""
+        last = {m: (list(v) if v else None) for m, v in sorted(self.last.items())}
+        return {"high_term": self.high_term, "last": last}
 
     def acquire(self, now: float, module: str, node: NodeId, held_term: int = 0) -> Answer:
         """Grant, renew or refuse ``module``'s lease to ``node``. ``held_term``: the term the
@@ -87,9 +109,8 @@ class LeaseTable:
             lease.expires = now + self.duration
             return Answer(True, node, lease.term, self.duration, f"renewed (term {lease.term})")
         if now < self._quiet_until:
-            if 0 < held_term <= self.high_term or (held_term > 0 and self.high_term == 0):
-                # the witness restarted: only the real holder presents a term it holds
-                self.high_term = max(self.high_term, held_term)
+            if held_term > 0 and self.last.get(module) == (node, held_term):
+                # the witness restarted: the last holder of this module, nobody granted since
                 self._leases[module] = _Lease(node, held_term, now + self.duration)
                 return Answer(
                     True, node, held_term, self.duration, f"renewed after a witness restart "
@@ -99,6 +120,7 @@ class LeaseTable:
             return Answer(False, None, 0, 0.0, f"witness restarted: no new lease for {left:.1f} s")
         self.high_term += 1
         self._leases[module] = _Lease(node, self.high_term, now + self.duration)
+        self.last[module] = (node, self.high_term)
         return Answer(True, node, self.high_term, self.duration, f"granted (term {self.high_term})")
 
     def release(self, now: float, module: str, node: NodeId) -> bool:
@@ -107,6 +129,7 @@ class LeaseTable:
         if lease is None or lease.holder != node or lease.expires <= now:
             return False
         del self._leases[module]
+        self.last[module] = None
         return True
 
     def holder(self, now: float, module: str) -> NodeId | None:
@@ -124,6 +147,10 @@ class Holding:
     deadline: float = float("-inf")
     last_sent: float = float("-inf")  # send time of the newest request whose answer counted
 
+    def __post_init__(self) -> None:
+        if not 0 <= self.margin < self.duration:
+            raise ValueError("margin must be at least 0 and less than the duration")
+
     def answered(self, sent_at: float, answer: Answer) -> None:
         """Record the answer to a request sent at ``sent_at`` (this node's clock). An answer to
         an older request than one already counted is ignored (it arrived late)."""
@@ -132,9 +159,16 @@ class Holding:
         self.last_sent = sent_at
         if answer.granted:
             self.term = answer.term
-            self.deadline = sent_at + self.duration - self.margin
+            # the witness's own duration counts if it is shorter than ours
+            self.deadline = sent_at + min(self.duration, answer.remaining) - self.margin
         else:
             self.deadline = float("-inf")
+
+    def released(self, sent_at: float) -> None:
+        """Before sending a release at ``sent_at``: invalid from now on, and answers to
+        earlier requests are ignored."""
+        self.deadline = float("-inf")
+        self.last_sent = max(self.last_sent, sent_at)
 
     def valid(self, now: float) -> bool:
         return now < self.deadline

@@ -4,20 +4,26 @@ Building block of arbitration (issue 5): the agents do not ask a witness yet. Ru
 ``python -m hakit.net.witness -c CLUSTER_FILE --listen ADDRESS:PORT`` on a third host that
 both nodes reach; it keeps the leases of :class:`hakit.core.lease.LeaseTable`.
 
-Messages are :mod:`hakit.net.wire` envelopes signed with the cluster key. A request comes from
-a node of the cluster, from one of that node's configured addresses, and is newer than the
-last one accepted from it (:class:`~hakit.net.wire.ReplayGuard`); anything else is dropped
-without an answer. Request payload: ``{"op": "acquire"|"release", "module", "term" (the term
-the node believes it holds, 0: none), "req" (the node's request number)}``. Answer payload:
-``{"req", "granted", "holder", "term", "remaining", "reason"}`` from sender ``"witness"``.
+Messages are :mod:`hakit.net.wire` envelopes, signed with keys derived from the cluster key
+for this purpose only (one for requests, one for answers: a heartbeat, a request and an answer
+can never pass for one another). A request comes from a node of the cluster, from one of that
+node's configured addresses, is well formed, and is newer than the last one accepted from it
+(:class:`~hakit.net.wire.ReplayGuard`); anything else is dropped without an answer. Request
+payload: ``{"op": "acquire"|"release", "module", "term" (the term the node believes it holds,
+0: none), "nonce" (32 random hex digits)}``. The answer echoes ``op``, ``module``, ``term`` and
+``nonce`` with ``granted``, ``holder``, ``term_now``, ``remaining``, ``reason``, so the client
+takes no answer for another (or an older) request.
 
-Ordering: when an answer carries a term higher than any issued before, the new high-water mark
-is written to the state file (atomically, fsynced) BEFORE the answer is sent, so that a
-restarted witness never issues a term twice. The state file also holds the witness's
-incarnation (bumped at every start), so that nodes can tell its answers apart across restarts.
+Ordering: the lease state (term high-water mark, last holder and term per module) is written
+to the state file (atomically, fsynced) BEFORE an answer that reveals a change is sent, so a
+restarted witness never issues a term twice and renews only the last holder. A witness that
+cannot write it stops answering (fail-stop). It refuses to start without its state file unless
+told it is new (``--new``): a lost file would let it issue old terms again. The file also holds
+the incarnation (bumped at every start).
 
 Caveats: one witness is one vote; several witnesses need a majority
-(:func:`hakit.core.lease.majority`).
+(:func:`hakit.core.lease.majority`). The replay guard lives in memory: after a restart, one
+replayed old request of the recorded holder could renew its lease for one duration.
 """
 
 from __future__ import annotations
@@ -25,8 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -41,6 +50,15 @@ from hakit.system.durable import write_atomic
 log = logging.getLogger(__name__)
 
 WITNESS = "witness"  # the sender name of the witness's answers
+NONCE_HEX = 32  # hex digits of a request's nonce (16 random bytes)
+
+
+def keys(cluster_key: bytes) -> tuple[bytes, bytes]:
+    """(request key, answer key), derived from the cluster key for the witness only."""
+    return (
+        hmac.new(cluster_key, b"hakit witness request", hashlib.sha256).digest(),
+        hmac.new(cluster_key, b"hakit witness answer", hashlib.sha256).digest(),
+    )
 
 
 class WitnessServer(asyncio.DatagramProtocol):
@@ -54,14 +72,21 @@ class WitnessServer(asyncio.DatagramProtocol):
         state_file: Path,
         *,
         duration: float,
+        new: bool = False,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.key, self.cluster, self.nodes = key, cluster, nodes
+        self.request_key, self.answer_key = keys(key)
+        self.cluster, self.nodes = cluster, nodes
         self.state_file = state_file
         self.clock = clock
-        state = _load(state_file)
+        state = _load(state_file, new)
         self.incarnation = int(state.get("incarnation", 0)) + 1
-        self.table = LeaseTable(duration, clock(), int(state.get("high_term", 0)))
+        last = {
+            str(m): (NodeId(v[0]), int(v[1])) if v else None
+            for m, v in dict(state.get("last", {})).items()
+        }
+        self.table = LeaseTable(duration, clock(), int(state.get("high_term", 0)), last)
+        self.broken = False  # the state could not be written: answer nothing any more
         self._save()
         self.guard = ReplayGuard()
         self.seq = 0
@@ -81,47 +106,67 @@ class WitnessServer(asyncio.DatagramProtocol):
             self.transport.close()
 
     def _save(self) -> None:
-        state = {"incarnation": self.incarnation, "high_term": self.table.high_term}
+        state = {"incarnation": self.incarnation, **self.table.state()}
         write_atomic(self.state_file, json.dumps(state) + "\n")
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        try:
-            env = decode(self.key, data, cluster=self.cluster)
-        except WireError:
-            self.dropped += 1
+        if self.broken:
             return
-        if addr[0] not in self.nodes.get(env.sender, set()) or self.guard.check(env) != "new":
+        try:
+            env = decode(self.request_key, data, cluster=self.cluster)
+        except WireError:
             self.dropped += 1
             return
         request = env.payload
         op, module = request.get("op"), request.get("module")
-        term, req = request.get("term", 0), request.get("req")
-        if op not in ("acquire", "release") or not isinstance(module, str) or not module:
+        term, nonce = request.get("term", 0), request.get("nonce")
+        well_formed = (
+            op in ("acquire", "release")
+            and isinstance(module, str)
+            and bool(module)
+            and isinstance(term, int)
+            and not isinstance(term, bool)
+            and isinstance(nonce, str)
+            and len(nonce) == NONCE_HEX
+        )
+        if not well_formed or addr[0] not in self.nodes.get(env.sender, set()):
             self.dropped += 1
             return
-        if not (isinstance(term, int) and isinstance(req, int)) or isinstance(term, bool):
+        if self.guard.check(env) != "new":  # only well-formed requests advance the guard
             self.dropped += 1
             return
-        node, now, before = NodeId(env.sender), self.clock(), self.table.high_term
+        assert isinstance(module, str) and isinstance(term, int)  # checked above, for mypy
+        node, now, before = NodeId(env.sender), self.clock(), self.table.state()
         if op == "acquire":
             answer = self.table.acquire(now, module, node, term)
         else:
             released = self.table.release(now, module, node)
             holder = self.table.holder(now, module)
             answer = Answer(False, holder, 0, 0.0, "released" if released else "not held")
-        if self.table.high_term != before:
-            self._save()  # persist the new term BEFORE anyone can learn it
-        log.info("%s %s %s from %s: %s", module, op, term, node, answer.reason)
+        if self.table.state() != before:
+            try:
+                self._save()  # persist the change BEFORE anyone can learn it
+            except OSError as exc:
+                self.broken = True
+                log.critical("witness state not written (%s): answering nothing any more", exc)
+                return
+            log.info("%s %s from %s: %s", module, op, node, answer.reason)
+        else:
+            log.debug("%s %s from %s: %s", module, op, node, answer.reason)
         self.seq += 1
         reply = {
-            "req": req,
+            "op": op,
+            "module": module,
+            "term": term,
+            "nonce": nonce,
             "granted": answer.granted,
             "holder": answer.holder,
-            "term": answer.term,
+            "term_now": answer.term,
             "remaining": answer.remaining,
             "reason": answer.reason,
         }
-        out = encode(self.key, Envelope(self.cluster, WITNESS, self.incarnation, self.seq, reply))
+        env_out = Envelope(self.cluster, WITNESS, self.incarnation, self.seq, reply)
+        out = encode(self.answer_key, env_out)
         if self.transport is not None:
             self.transport.sendto(out, addr)
 
@@ -131,30 +176,38 @@ async def ask(
     cluster: str,
     sender: str,
     witness: tuple[str, int],
-    request: dict[str, Any],
     *,
+    op: str,
+    module: str,
+    term: int,
     incarnation: int,
     seq: int,
     local: tuple[str, int] | None = None,
     timeout: float = 1.0,
+    clock: Callable[[], float] = time.monotonic,
 ) -> tuple[float, Answer] | None:
-    """Send one request (``op``, ``module``, ``term``, ``req``) and wait for its answer;
-    ``(send time on the monotonic clock, answer)``, or None without a valid answer in time."""
+    """Send one request and wait for its answer: ``(send time on ``clock``, answer)``, or None
+    without a valid answer to THIS request in time. ``seq`` grows with every request of this
+    ``incarnation`` of the node (persisted, bumped at each start)."""
+    request_key, answer_key = keys(key)
+    nonce = os.urandom(NONCE_HEX // 2).hex()
+    request = {"op": op, "module": module, "term": term, "nonce": nonce}
     loop = asyncio.get_running_loop()
     got: asyncio.Future[Answer] = loop.create_future()
 
     class _Client(asyncio.DatagramProtocol):
         def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-            with contextlib.suppress(WireError):
-                env = decode(key, data, cluster=cluster)
+            with contextlib.suppress(WireError, ValueError, TypeError):
+                env = decode(answer_key, data, cluster=cluster)
                 p = env.payload
-                if env.sender == WITNESS and p.get("req") == request["req"] and not got.done():
+                echoed = all(p.get(k) == v for k, v in request.items())
+                if env.sender == WITNESS and echoed and not got.done():
                     holder = p.get("holder")
                     got.set_result(
                         Answer(
-                            bool(p.get("granted")),
+                            p.get("granted") is True,
                             NodeId(holder) if isinstance(holder, str) else None,
-                            int(p.get("term", 0)),
+                            int(p.get("term_now", 0)),
                             float(p.get("remaining", 0.0)),
                             str(p.get("reason", "")),
                         )
@@ -164,8 +217,8 @@ async def ask(
         _Client, local_addr=local, remote_addr=witness
     )
     try:
-        sent_at = time.monotonic()
-        transport.sendto(encode(key, Envelope(cluster, sender, incarnation, seq, request)))
+        sent_at = clock()
+        transport.sendto(encode(request_key, Envelope(cluster, sender, incarnation, seq, request)))
         try:
             return sent_at, await asyncio.wait_for(got, timeout)
         except TimeoutError:
@@ -174,14 +227,21 @@ async def ask(
         transport.close()
 
 
-def _load(path: Path) -> dict[str, Any]:
+def _load(path: Path, new: bool) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        return {}
+        if new:
+            return {}
+        raise ValueError(
+            f"{path}: no witness state: a witness that lost it could issue old terms again; "
+            "start it with --new only if it never ran before"
+        ) from None
     except ValueError as exc:
-        raise SystemExit(f"{path}: unreadable witness state ({exc}); fix or remove it") from None
-    return data if isinstance(data, dict) else {}
+        raise ValueError(f"{path}: unreadable witness state ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: unreadable witness state (not an object)")
+    return data
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -192,13 +252,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap.add_argument("--listen", required=True, help="ADDRESS:PORT to listen on")
     ap.add_argument("--duration", type=float, default=3.0, help="lease duration, seconds")
     ap.add_argument("--state", type=Path, default=None, help="state file (default: state_dir)")
+    ap.add_argument("--new", action="store_true", help="first start: create the state file")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s witness %(message)s")
     conf = cfg.load(args.config)
     host, _, port = args.listen.rpartition(":")
     nodes = {n: set(c.addresses.values()) for n, c in conf.cluster.nodes.items()}
     state = args.state or conf.cluster.state_dir / "witness.json"
-    server = WitnessServer(conf.key(), conf.cluster.name, nodes, state, duration=args.duration)
+    try:
+        server = WitnessServer(
+            conf.key(), conf.cluster.name, nodes, state, duration=args.duration, new=args.new
+        )
+    except ValueError as exc:
+        print(f"witness: {exc}", file=sys.stderr)
+        return 2
 
     async def serve() -> None:
         await server.start(host, int(port))
