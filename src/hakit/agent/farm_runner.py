@@ -21,14 +21,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 from typing import Any
 
 from hakit.agent.runner_base import Batch, RunnerBase
 from hakit.agent.store import Store
 from hakit.config import Config, Module
-from hakit.core.actions import RunScript, StartCheckers, StopCheckers, Transitioned
+from hakit.core.actions import RunScript, StartCheckers, StopCheckers
 from hakit.core.events import CheckerAction, CheckerFailed, ScriptDone
 from hakit.core.farm import (
     ApplyBuckets,
@@ -146,14 +145,6 @@ class FarmRunner(RunnerBase):
     def _current_ack(self) -> FarmAcks:
         return tuple(sorted(self.received_acks.items()))
 
-    def command(self, event: Any) -> FarmStatus:
-        try:
-            self.step(event)
-        except Exception as exc:
-            self.note(f"command refused: {exc}")
-            raise
-        return self.machine.status
-
     def _script_env(self) -> dict[str, str]:
         return {"HAKIT_NODES": " ".join(self.module.nodes)}
 
@@ -163,9 +154,6 @@ class FarmRunner(RunnerBase):
     # ------------------------------------------------------------------ actions
     async def _execute(self, action: Any, batch: Batch) -> None:
         match action:
-            case Transitioned(old=old, new=new, reason=reason):
-                self.note(f"{old} -> {new} ({reason})")
-                self.since = time.time()
             case FarmPersist():
                 self.durable = FarmDurable(action.wanted, action.state)
                 try:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable
 
 from hakit.agent.replica_proc import ReplicaProcess
@@ -30,11 +29,10 @@ from hakit.core.actions import (
     SetReplication,
     StartCheckers,
     StopCheckers,
-    Transitioned,
 )
 from hakit.core.events import Event, ReplicaFailed, ReplicaReport, ScriptDone
 from hakit.core.freshness import DataRecord, DataState
-from hakit.core.mirror import CommandRefused, Durable, MirrorMachine, MirrorSettings, Status
+from hakit.core.mirror import Durable, MirrorMachine, MirrorSettings, Status
 from hakit.core.payload import Ack
 from hakit.model import NodeId, State
 from hakit.net import NetError
@@ -131,20 +129,9 @@ class ModuleRunner(RunnerBase):
     def _current_ack(self) -> Ack:
         return self.received_ack
 
-    def command(self, event: Event) -> Status:
-        try:
-            self.step(event)
-        except CommandRefused as exc:
-            self.note(f"command refused: {exc}")
-            raise
-        return self.machine.status()
-
     # ------------------------------------------------------------------ worker
     async def _execute(self, action: Action, batch: Batch) -> None:
         match action:
-            case Transitioned(old=old, new=new, reason=reason):
-                self.since = time.time()
-                self.note(f"{old} -> {new} ({reason})")
             case Persist():
                 self.durable = Durable(
                     action.wanted,

@@ -10,7 +10,8 @@ acknowledgement of the peers' statuses that heartbeats carry is published togeth
 status built on it, never before.
 
 Subclasses provide the machine (:meth:`_machine_step`, :meth:`_machine_status`), the
-acknowledgement they publish (:meth:`_current_ack`) and :meth:`_execute` for their own actions.
+acknowledgement they publish (:meth:`_current_ack`) and :meth:`_execute` for their own actions
+(``Transitioned`` is logged here, for every kind of module).
 """
 
 from __future__ import annotations
@@ -29,7 +30,9 @@ from typing import Any
 from hakit.agent.checkers import Recovered, checker_name, run_checker
 from hakit.agent.store import Store
 from hakit.config import Config, Module
+from hakit.core.actions import Transitioned
 from hakit.core.events import CheckerFailed, ScriptDone
+from hakit.core.mirror import CommandRefused
 from hakit.system.run import run_async
 
 log = logging.getLogger(__name__)
@@ -113,6 +116,15 @@ class RunnerBase:
         os.close(self.log_fd)
 
     # ------------------------------------------------------------------ events
+    def command(self, event: Any) -> Any:
+        """Step an operator command; the new status, or CommandRefused (logged)."""
+        try:
+            self.step(event)
+        except CommandRefused as exc:
+            self.note(f"command refused: {exc}")
+            raise
+        return self._machine_status()
+
     def step(self, event: Any) -> None:
         """Feed one event to the machine now; queue its actions. Raises CommandRefused."""
         actions = self._machine_step(self.clock(), event)
@@ -132,7 +144,11 @@ class RunnerBase:
             batch = await self.queue.get()
             for action in batch.actions:  # one failing action does not skip the others
                 try:
-                    await self._execute(action, batch)
+                    if isinstance(action, Transitioned):
+                        self.since = time.time()
+                        self.note(f"{action.old} -> {action.new} ({action.reason})")
+                    else:
+                        await self._execute(action, batch)
                 except Exception:
                     log.exception(
                         "module %s: BUG executing %s; please report it", self.name, action

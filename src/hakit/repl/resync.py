@@ -43,6 +43,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
@@ -164,9 +165,11 @@ class Resync:
         prim, root, path = self.prim, seen.root, seen.path
         with self._count_lock:
             known = self._known.pop((root, path), _UNKNOWN)
+        first = _lstat(prim.roots[root], path)
+        single = first is None or first.st_nlink == 1
         if known is not _UNKNOWN:
             remote = known  # listed with its parent; a path in the journal did not change since
-        elif seen.ranges is not None and not seen.tree and _single(prim.roots[root], path):
+        elif seen.ranges is not None and not seen.tree and single:
             # only written while tracked: it existed at the base, so the secondary has it
             # (with links, their number on the secondary is asked)
             remote = _SOME_FILE
@@ -174,7 +177,6 @@ class Resync:
             remote = self._remote_stat(root, path)
         sends: list[Pending] = []
         content: list[tuple[int, int]] | None = []
-        first = _lstat(prim.roots[root], path)
         names = self._other_names(root, path, first) if first is not None else []
         with prim.order:
             entry = prim.journal.take(root, path)
@@ -476,12 +478,6 @@ def _differs(a: p.StatRec, b: p.StatRec) -> bool:
     return (a.size, a.mtime_ns, a.mode, a.uid, a.gid) != (b.size, b.mtime_ns, b.mode, b.uid, b.gid)
 
 
-def _single(root_fd: int, path: bytes) -> bool:
-    """The primary's file has one name (or is gone)."""
-    st = _lstat(root_fd, path)
-    return st is None or st.st_nlink == 1
-
-
 def _same_dev(dir_fd: int, name: bytes, dev: int) -> bool:
     try:
         return os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_dev == dev
@@ -494,7 +490,7 @@ def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
     parents is now a symbolic link: then ``path`` is no object of the tree (the secondary, which
     never follows links, would refuse it for ever)."""
     parent, _, name = path.rpartition(b"/")
-    try:
+    with _gone_as_none():
         if not parent:
             return os.stat(path, dir_fd=root_fd, follow_symlinks=False)
         fd = open_beneath(root_fd, parent)
@@ -502,12 +498,20 @@ def _lstat(root_fd: int, path: bytes) -> os.stat_result | None:
             return os.stat(name, dir_fd=fd, follow_symlinks=False)
         finally:
             os.close(fd)
+    return None
+
+
+@contextlib.contextmanager
+def _gone_as_none() -> Iterator[None]:
+    """Swallow the errors that mean "no such object below the root": missing, or a parent
+    that is not a real directory (a file, or a symbolic link refused by O_NOFOLLOW)."""
+    try:
+        yield
     except (FileNotFoundError, NotADirectoryError):
-        return None
+        pass
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return None
-        raise
+        if exc.errno != errno.ELOOP:
+            raise
 
 
 def _multi_linked(root_fd: int) -> dict[int, list[bytes]]:
@@ -549,11 +553,6 @@ def _xattrs(root_fd: int, path: bytes) -> dict[bytes, bytes] | None:
 
 
 def _open_read(root_fd: int, path: bytes) -> int | None:
-    try:
+    with _gone_as_none():
         return open_beneath(root_fd, path, os.O_RDONLY)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return None
-        raise
+    return None
