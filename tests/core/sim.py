@@ -7,9 +7,12 @@ take a configurable simulated time. The application is modelled as running on a 
 start of ``start_prim`` until the end of ``stop_prim``; the VIP from ``AddVips`` to ``DelVips``.
 
 ``run(seconds)`` advances time in 10 ms steps and, after every step, checks the safety
-invariant: at most one node runs the application or holds a VIP of a module — except after a
-``cut`` (no arbitration yet: both may run ALONE), until the first moment after ``heal`` when
-the nodes hear each other again and have converged.
+invariant: at most one node serves a module — except, without a witness, after a ``cut`` (both
+may run ALONE), until the first moment after ``heal`` when the nodes hear each other again and
+have converged. Serving means: running the application or holding a VIP; with a witness
+(``witness=DURATION``: the real :class:`LeaseTable` as a third party, reachable unless
+``cut_witness`` or ``witness_down``), holding a VIP or acknowledging writes (a fenced node's
+application may still be stopping, unreachable and unable to acknowledge anything).
 
 Replicated modules (``replicated=True`` in a module's options) also get a simulated replication
 process per node (:class:`SimReplica`) that follows docs/replication.md: ``SetReplication``
@@ -20,8 +23,10 @@ per step while its node is PRIM or ALONE with the replica mounted; an acknowledg
 the secondary only if the replica is in sync at that moment, and a resync copies everything.
 Second invariant, checked whenever a node enters STARTING_PRIM without ``--force``: **no
 acknowledged write is lost** — the node's copy holds every write acknowledged so far. Writes
-acknowledged during a split brain (after a ``cut``, until it is resolved) are not counted (the
-documented behaviour without arbitration); a forced start forgets what the node lacks.
+acknowledged during a split brain (after a ``cut``, until it is resolved) are not counted
+without a witness (the documented behaviour); with one, every write counts. A forced start
+forgets what the node lacks. Writes the secondary does not get are acknowledged only up to the
+generation the machine permitted (``PermitAlone``); the others are held, never acknowledged.
 """
 
 from __future__ import annotations
@@ -34,14 +39,18 @@ from hakit.core.actions import (
     Action,
     AddVips,
     AnnounceVips,
+    AskArbiters,
     DelVips,
+    PermitAlone,
     Persist,
     ReplicaRole,
     RunScript,
     SetReplication,
     Transitioned,
 )
+from hakit.core.arbitration import ArbitrationSettings
 from hakit.core.events import (
+    ArbiterAnswered,
     CheckerAction,
     CheckerFailed,
     Command,
@@ -55,6 +64,7 @@ from hakit.core.events import (
     Verb,
 )
 from hakit.core.freshness import DataRecord, DataState
+from hakit.core.lease import LeaseTable
 from hakit.core.mirror import CommandRefused, Durable, MirrorMachine, MirrorSettings
 from hakit.core.peers import PeerTracker
 from hakit.model import ModuleName, NodeId, State
@@ -72,6 +82,12 @@ class SimReplica:
     in_sync: bool = False  # primary: the secondary is connected and in sync
     resync_done_at: float | None = None  # primary: the running resync of the secondary ends
     down_until: float | None = None  # the process failed; the driver restarts it then
+    permitted: int = 0  # PermitAlone: unreplicated writes acknowledged up to this generation
+
+    def acknowledges(self) -> bool:
+        return self.role == ReplicaRole.PRIMARY and (
+            self.in_sync or self.permitted >= self.record.generation
+        )
 
 
 @dataclass
@@ -108,6 +124,7 @@ class SimCluster(SimClock):
         timeout: float = 3.0,
         script_seconds: float = 0.2,
         resync_seconds: float = 1.0,
+        witness: float | None = None,
     ) -> None:
         self.now = 0.0
         self.interval, self.timeout = interval, timeout
@@ -126,6 +143,17 @@ class SimCluster(SimClock):
         self.acked: dict[ModuleName, set[int]] = {}  # acknowledged writes that must survive
         self.reports: list[tuple[SimNode, ModuleName, Event]] = []  # replica events to deliver
         mods = modules or {"app": {}}
+        # the witness: started one duration ago (no quiet period left), 1 ms away
+        self.witness = LeaseTable(witness, -witness) if witness else None
+        self.witness_cut: set[str] = set()
+        self.witness_down = False
+        self.to_witness: list[tuple[float, NodeId, int, ModuleName, AskArbiters, float]] = []
+        self.from_witness: list[tuple[float, NodeId, int, ModuleName, ArbiterAnswered]] = []
+        arbitration = (
+            ArbitrationSettings(("w",), witness, margin=0.5, renew=witness / 3, retry=0.25)
+            if witness
+            else ArbitrationSettings()
+        )
         self.nodes: dict[str, SimNode] = {}
         for name, peer in (("n1", "n2"), ("n2", "n1")):
             settings = {
@@ -133,6 +161,7 @@ class SimCluster(SimClock):
                     node=NodeId(name),
                     peer=NodeId(peer),
                     startup_wait=timeout,
+                    arbitration=arbitration,
                     **opts,  # type: ignore[arg-type]
                 )
                 for m, opts in mods.items()
@@ -177,6 +206,7 @@ class SimCluster(SimClock):
         self.log(f"-- replication process of {module} on {node} dies")
         if rep.role == ReplicaRole.PRIMARY:
             rep.role = ReplicaRole.IDLE
+        rep.permitted = 0
         rep.connected = rep.in_sync = False
         rep.resync_done_at = None
         rep.down_until = self.now + restart_after
@@ -190,8 +220,18 @@ class SimCluster(SimClock):
 
     def heal(self) -> None:
         self.cut_nodes.clear()
+        self.witness_cut.clear()
         self.healed_at = self.now
         self.log("-- heal")
+
+    def cut_witness(self, node: str) -> None:
+        """``node`` no longer reaches the witness (nor the witness it)."""
+        self.witness_cut.add(node)
+        self.log(f"-- {node} cut from the witness")
+
+    def set_witness_down(self, down: bool) -> None:
+        self.witness_down = down
+        self.log(f"-- witness {'down' if down else 'up'}")
 
     def poweroff(self, node: str) -> None:
         n = self.nodes[node]
@@ -218,13 +258,21 @@ class SimCluster(SimClock):
         return self.state("n1", module), self.state("n2", module)
 
     def serving(self, module: str = "app") -> list[str]:
-        """Nodes where the application runs or the VIP is held."""
-        return [
-            name
-            for name, n in self.nodes.items()
-            if n.powered
-            and (n.modules[ModuleName(module)].app or n.modules[ModuleName(module)].vip)
-        ]
+        """Nodes that serve ``module`` (see the module docstring)."""
+        out = []
+        for name, n in self.nodes.items():
+            m = n.modules[ModuleName(module)]
+            if self.witness is None:
+                serves = m.app or m.vip
+            else:
+                serves = m.vip or (m.app and m.replica is not None and m.replica.acknowledges())
+            if n.powered and serves:
+                out.append(name)
+        return out
+
+    def transcript_of(self, node: str) -> str:
+        """The transcript lines about ``node``'s machines."""
+        return "\n".join(line for line in self.transcript if line[8:].startswith(f"{node} "))
 
     def record(self, node: str, module: str = "app") -> DataRecord:
         rep = self.nodes[node].modules[ModuleName(module)].replica
@@ -281,6 +329,12 @@ class SimCluster(SimClock):
                     m.vip = False
                 case AnnounceVips():
                     self.log(f"{node.name} {module}: announces its VIP again")
+                case AskArbiters():
+                    msg = (self.now + 0.001, node.name, node.incarnation, module, action, self.now)
+                    self.to_witness.append(msg)
+                case PermitAlone(generation=generation):
+                    assert m.replica is not None
+                    m.replica.permitted = max(m.replica.permitted, generation)
                 case RunScript(script=script):
                     key = (node.name, module, script)
                     took = self.script_seconds.get(key, self.default_script_seconds)
@@ -317,6 +371,7 @@ class SimCluster(SimClock):
         rep.connected = rep.in_sync = False
         rep.resync_done_at = None
         rep.role = action.role
+        rep.permitted = 0
         if action.role == ReplicaRole.PRIMARY:
             generation = max(rep.record.generation, action.peer_generation) + 1
             rep.record = DataRecord(DataState.UPTODATE, generation, ran_alone=True)
@@ -332,7 +387,7 @@ class SimCluster(SimClock):
     def _check_no_write_lost(
         self, node: SimNode, module: ModuleName, rep: SimReplica, actions: list[Action]
     ) -> None:
-        if self.partitioned:
+        if self.partitioned and self.witness is None:
             return  # split brain: documented, not counted
         forced = any(isinstance(a, SetReplication) and a.force_full for a in actions)
         acked = self.acked[module]
@@ -402,15 +457,15 @@ class SimCluster(SimClock):
             rep = m.replica
             assert rep is not None
             serving = m.machine.state in (State.PRIM, State.ALONE)
-            if not (node.powered and serving and rep.role == ReplicaRole.PRIMARY):
-                continue
+            if not (node.powered and serving and rep.acknowledges()):
+                continue  # not primary, or the change is held: not acknowledged
             self.writes += 1
             rep.data.add(self.writes)
             if rep.in_sync:
                 prep = self.nodes[node.peer].modules[module].replica
                 assert prep is not None
                 prep.data.add(self.writes)
-            if not self.partitioned:
+            if not self.partitioned or self.witness is not None:
                 self.acked[module].add(self.writes)
 
     def _advance(self) -> None:
@@ -419,6 +474,7 @@ class SimCluster(SimClock):
         self.in_flight = [msg for msg in self.in_flight if msg[0] > self.now]
         for _, src, dst, inc, body in due:
             self._deliver(src, dst, inc, body)
+        self._witness_exchange()
         for module in self.acked:
             self._replicate(module)
             self._deliver_reports()
@@ -450,13 +506,35 @@ class SimCluster(SimClock):
             self.partitioned = False  # the split brain of the cut has been resolved
         for hook in self.on_step:
             hook(self)
-        if not self.partitioned:
+        if not self.partitioned or self.witness is not None:
             for module in self.nodes["n1"].modules:
                 serving = self.serving(module)
                 assert len(serving) <= 1, (
                     f"{module} served by {serving} at {self.now}:\n"
                     + "\n".join(self.transcript[-30:])
                 )
+
+    def _witness_exchange(self) -> None:
+        """Requests reach the witness, answers reach their node (1 ms each way)."""
+        due = [r for r in self.to_witness if r[0] <= self.now]
+        self.to_witness = [r for r in self.to_witness if r[0] > self.now]
+        for _, name, inc, module, ask, sent_at in due:
+            if self.witness is None or self.witness_down or name in self.witness_cut:
+                continue
+            if ask.op == "acquire":
+                term = dict(ask.terms).get("w", 0)
+                answer = self.witness.acquire(self.now, module, name, term, ask.alone, ask.synced)
+            else:
+                self.witness.release(self.now, module, name)
+                continue
+            ev = ArbiterAnswered("w", sent_at, answer)
+            self.from_witness.append((self.now + 0.001, name, inc, module, ev))
+        answers = [r for r in self.from_witness if r[0] <= self.now]
+        self.from_witness = [r for r in self.from_witness if r[0] > self.now]
+        for _, name, inc, module, ev in answers:
+            node = self.nodes[name]
+            if node.powered and node.incarnation == inc and name not in self.witness_cut:
+                self._step(node, module, ev)
 
     def _heard_since_heal(self, node: SimNode) -> bool:
         assert node.tracker is not None

@@ -15,6 +15,7 @@ import pytest
 
 from hakit.core.events import CheckerAction, Verb
 
+from . import test_arbitration
 from .sim import SimCluster
 from .test_mirror_replicated import (
     REPLICATED,
@@ -78,10 +79,20 @@ REPLICATED_SCENARIOS: dict[str, Callable[[SimCluster], None]] = {
     )
 }
 
+# replicated modules with a witness (see test_arbitration.py)
+WITNESS_SCENARIOS: dict[str, Callable[[SimCluster], None]] = {
+    f.__name__: f for f in test_arbitration.SCENARIOS
+}
 
-@pytest.mark.parametrize("name", sorted(SCENARIOS) + sorted(REPLICATED_SCENARIOS))
+
+@pytest.mark.parametrize(
+    "name", sorted(SCENARIOS) + sorted(REPLICATED_SCENARIOS) + sorted(WITNESS_SCENARIOS)
+)
 def test_scenario_matches_golden_transcript(name: str) -> None:
-    if name in REPLICATED_SCENARIOS:
+    if name in WITNESS_SCENARIOS:
+        c = test_arbitration.witnessed()
+        WITNESS_SCENARIOS[name](c)
+    elif name in REPLICATED_SCENARIOS:
         c = SimCluster(REPLICATED)
         REPLICATED_SCENARIOS[name](c)
     else:

@@ -47,7 +47,7 @@ def test_after_a_restart_only_the_recorded_holder_renews_and_terms_keep_growing(
     before.acquire(3.0, "db", N1)  # term 1
     before.acquire(7.0, "db", N2)  # n1's expired: term 2
     t = LeaseTable(D, 100.0, before.high_term, before.last)  # restarted from the state
-    assert t.state() == {"high_term": 2, "last": {"db": ["n2", 2]}}
+    assert t.state() == {"high_term": 2, "last": {"db": ["n2", 2]}, "alone": {}}
     assert not t.acquire(101.0, "db", N1, held_term=1).granted  # a stale term: refused
     assert not t.acquire(101.0, "db", N1).granted  # a new grant must wait
     a = t.acquire(101.0, "db", N2, held_term=2)
@@ -143,3 +143,17 @@ def test_two_nodes_never_both_hold_the_lease(
             node, sent, answer = data
             holdings[node].answered(sent, answer)  # type: ignore[index, arg-type]
         assert not (holdings[N1].valid(at) and holdings[N2].valid(at)), at
+
+
+def test_ran_alone_records_are_kept_for_every_later_holder_and_cleared_only_by_their_node() -> None:
+    t = table()
+    assert t.acquire(3.0, "db", N1, alone=7).alone == ((N1, 7),)  # granted: recorded
+    refused = t.acquire(3.5, "db", N2, alone=9)
+    assert not refused.granted and refused.alone_of(N1) == 7 and refused.alone_of(N2) == 0
+    assert t.acquire(4.0, "db", N1, alone=6).alone_of(N1) == 7  # never lowered
+    later = t.acquire(8.0, "db", N2, synced=True)  # n1 expired: n2 learns n1's record
+    assert later.granted and later.alone == ((N1, 7),)  # and cannot clear it
+    restarted = LeaseTable(D, 100.0, t.high_term, t.last, {"db": {N1: 7}})
+    assert restarted.state()["alone"] == {"db": {"n1": 7}}
+    assert restarted.acquire(104.0, "db", N1).alone_of(N1) == 7  # a bare acquire keeps it
+    assert restarted.acquire(104.5, "db", N1, synced=True).alone == ()  # its node clears it

@@ -35,6 +35,9 @@ announced a higher data generation)::
     SetReplication(primary), AddVips       entering STARTING_PRIM
     SetReplication(secondary)              entering STARTING_SECOND
     RunScript
+
+``AskArbiters``, ``PermitAlone`` and a fencing ``DelVips`` (the lease ran out while primary
+without a peer) come after the transitions, before the ``RunScript``.
 """
 
 from __future__ import annotations
@@ -125,6 +128,29 @@ class StopCheckers:
     """Stop the module's checkers (before the application is stopped)."""
 
 
+@dataclass(frozen=True)
+class AskArbiters:
+    """Send one request to every arbiter of the module (at once, without waiting: each answer
+    comes back as :class:`hakit.core.events.ArbiterAnswered`). ``op``: ``acquire`` (or renew)
+    or ``release``; ``terms``: per arbiter, the term this node holds there (0: none);
+    ``alone``: the data generation this node runs alone with (0: none); ``synced``: its
+    secondary is in sync (clears its ran-alone record)."""
+
+    op: str
+    terms: tuple[tuple[str, int], ...]
+    alone: int = 0
+    synced: bool = False
+
+
+@dataclass(frozen=True)
+class PermitAlone:
+    """Tell the replication process (primary) that changes it cannot replicate may be
+    acknowledged at data generations up to ``generation``: the peer or a majority of the
+    arbiters know that this node runs alone with it (docs/split-brain.md)."""
+
+    generation: int
+
+
 Action = (
     Transitioned
     | Persist
@@ -135,4 +161,6 @@ Action = (
     | StartCheckers
     | StopCheckers
     | SetReplication
+    | AskArbiters
+    | PermitAlone
 )

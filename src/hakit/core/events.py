@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 from hakit.core.freshness import DataRecord, DataState
+from hakit.core.lease import Answer
 from hakit.model import NodeId, State
 
 
@@ -140,6 +141,17 @@ class ReplicaFailed:
     detail: str
 
 
+@dataclass(frozen=True)
+class ArbiterAnswered:
+    """An arbiter (witness, etcd) answered a request the machine asked for
+    (:class:`hakit.core.actions.AskArbiters`). ``sent_at``: when the request was sent, on the
+    clock of ``now``; no event when no answer came in time."""
+
+    arbiter: str
+    sent_at: float
+    answer: Answer
+
+
 Event = (
     Tick
     | PeerHeard
@@ -149,4 +161,5 @@ Event = (
     | Command
     | ReplicaReport
     | ReplicaFailed
+    | ArbiterAnswered
 )

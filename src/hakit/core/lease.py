@@ -1,8 +1,8 @@
 """Leases of a witness: which node may run a module as primary, and the fencing token. Pure.
 
-Building block of arbitration (issue 5; not wired into the agent yet). A *witness* — a small
-service on a third host, later an etcd cluster — keeps one lease per module and answers a
-node's request to acquire (or renew) it:
+Arbitration's shared vocabulary (the node's side is :mod:`hakit.core.arbitration`). A
+*witness* — a small service on a third host (:mod:`hakit.net.witness`) — keeps one lease per
+module and answers a node's request to acquire (or renew) it:
 
 - the lease is free (never held, expired, or released): granted to the caller with a new
   **term**, strictly greater than every term this witness ever issued (the fencing token that
@@ -10,6 +10,14 @@ node's request to acquire (or renew) it:
 - the caller holds it: renewed, same term;
 - another node holds it and it has not expired: refused, saying who holds it and for how long.
   So when both nodes reach the witness but not each other, the current holder keeps it.
+
+**Ran-alone records.** A node that holds the lease and runs a replicated module without an
+in-sync secondary says so in its requests (``alone``: its data generation); the witness records
+it per module and node (persisted before the answer) and shows every record in every answer.
+A node may acknowledge writes that exist only on its own disk once a majority of the witnesses
+recorded their generation; any node that later acquires the lease learns the record and will
+not take over on older data. Only the node itself clears its record, by saying its secondary is
+in sync (``synced``) — a bare acquire never clears it.
 
 Expiry runs on the witness's monotonic clock: a grant or renewal received at ``now`` is valid
 until ``now + duration``. A node may serve as primary only until its own **deadline**:
@@ -45,7 +53,7 @@ the request timeout plus the time to stop the application must stay below
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from hakit.model import NodeId
@@ -60,6 +68,12 @@ class Answer:
     term: int  # the holder's term (0: never held)
     remaining: float  # seconds the lease has left after this request (0 if free)
     reason: str  # for logs, e.g. "held by n1 for 2.4 s more"
+    # the module's ran-alone records after this request: (node, data generation), sorted
+    alone: tuple[tuple[NodeId, int], ...] = ()
+
+    def alone_of(self, node: NodeId) -> int:
+        """The generation ``node`` ran alone with, as recorded (0: no record)."""
+        return next((g for n, g in self.alone if n == node), 0)
 
 
 @dataclass
@@ -78,6 +92,7 @@ class LeaseTable:
         now: float,
         high_term: int = 0,
         last: Mapping[str, tuple[NodeId, int] | None] | None = None,
+        alone: Mapping[str, Mapping[NodeId, int]] | None = None,
     ) -> None:
         if duration <= 0:
             raise ValueError("duration must be positive")
@@ -85,17 +100,42 @@ class LeaseTable:
         self.high_term = high_term  # persisted by the driver before any reply carrying more
         # per module: the last holder and term granted, None once released (persisted too)
         self.last: dict[str, tuple[NodeId, int] | None] = dict(last or {})
+        # per module: node -> the data generation it runs alone with (persisted too)
+        self.alone: dict[str, dict[NodeId, int]] = {m: dict(r) for m, r in (alone or {}).items()}
         self._quiet_until = now + duration  # after a (re)start: no new grants for one duration
         self._leases: dict[str, _Lease] = {}
 
     def state(self) -> dict[str, Any]:
         """What the driver persists (JSON-ready) before answering after a change."""
         last = {m: (list(v) if v else None) for m, v in sorted(self.last.items())}
-        return {"high_term": self.high_term, "last": last}
+        alone = {m: dict(sorted(r.items())) for m, r in sorted(self.alone.items()) if r}
+        return {"high_term": self.high_term, "last": last, "alone": alone}
 
-    def acquire(self, now: float, module: str, node: NodeId, held_term: int = 0) -> Answer:
-        """Grant, renew or refuse ``module``'s lease to ``node``. ``held_term``: the term the
-        node believes it holds (0: none), used only to renew across a restart of the witness."""
+    def acquire(  # noqa: PLR0917
+        self,
+        now: float,
+        module: str,
+        node: NodeId,
+        held_term: int = 0,
+        alone: int = 0,
+        synced: bool = False,
+    ) -> Answer:
+        """Grant, renew or refuse ``module``'s lease to ``node``, then (granted only) update its
+        ran-alone record: ``alone`` > 0 records that generation, ``synced`` clears the record.
+        ``held_term``: the term the node believes it holds (0: none), used only to renew across
+        a restart of the witness."""
+        answer = self._acquire(now, module, node, held_term)
+        records = self.alone.setdefault(module, {})
+        if answer.granted and alone > records.get(node, 0):
+            records[node] = alone
+        elif answer.granted and synced and not alone:
+            records.pop(node, None)
+        return replace(answer, alone=self.records(module))
+
+    def records(self, module: str) -> tuple[tuple[NodeId, int], ...]:
+        return tuple(sorted(self.alone.get(module, {}).items()))
+
+    def _acquire(self, now: float, module: str, node: NodeId, held_term: int) -> Answer:
         lease = self._leases.get(module)
         if lease is not None and lease.expires <= now:
             lease = None

@@ -17,8 +17,14 @@ Rules that keep two primaries from running at once (while the nodes can hear eac
   script has finished and its VIPs are removed, so the other node waits for that;
 - when both nodes start at once they elect the same winner from the same inputs (preferred
   node, then the more recent primary term, then the smaller node name);
-- if both are primary after a partition heals (no arbitration yet: each ran ALONE), the node
+- if both are primary after a partition heals (possible only without arbitration), the node
   whose primary term began later yields (the former primary stays).
+
+With arbiters (:mod:`hakit.core.arbitration`), a node also needs the arbiters' lease to move
+towards the primary role, keeps renewing it while it claims that role, and fences itself (VIPs
+off at once, stop script, WAIT) when its peer is lost and the lease is gone. Replicated modules
+acknowledge writes the secondary did not get only once the peer or a majority of the arbiters
+know the generation the node runs alone with (:class:`PermitAlone`).
 
 Replicated modules (``MirrorSettings.replicated``) add the data rules of ``docs/replication.md``
 ("Who has the latest data"; the comparisons and the operator's sentences are in
@@ -35,23 +41,21 @@ next role change, so that it cannot take over alone before its resync; and
 ``peer_generation_seen`` falls back to the peer's generation once the peer's copy is in sync
 with this node's (the peer's older announcements describe data that no longer exists).
 
-Caveats: without arbitration (a later issue), a cut between the nodes makes both primary
-until the network heals; that is the documented behaviour of this version. A primary that loses
-its replication link and dies before its next heartbeat (which carries its new generation)
-reaches the secondary can be taken over by that secondary: closing that window is up to the
-replication process (hold unreplicated writes until the peer has acknowledged the generation).
+Caveats: without arbiters, a cut between the nodes makes both primary until the network heals
+(the loser's changes are kept in a recovery folder); ``docs/split-brain.md`` has the details.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hakit.core import freshness
+from hakit.core import freshness, mirror_commands
 from hakit.core.actions import (
     Action,
     AddVips,
     AnnounceVips,
     DelVips,
+    PermitAlone,
     Persist,
     ReplicaRole,
     RunScript,
@@ -60,7 +64,9 @@ from hakit.core.actions import (
     StopCheckers,
     Transitioned,
 )
+from hakit.core.arbitration import Arbitration, ArbitrationSettings
 from hakit.core.events import (
+    ArbiterAnswered,
     CheckerAction,
     CheckerFailed,
     Command,
@@ -72,15 +78,11 @@ from hakit.core.events import (
     ReplicaReport,
     ScriptDone,
     Tick,
-    Verb,
 )
 from hakit.core.freshness import DataRecord, DataState
+from hakit.core.mirror_commands import CommandRefused as CommandRefused  # noqa: PLC0414 (re-exported)
 from hakit.core.mirror_table import SCRIPT_OF, TABLE, THEN_TRIGGER, Edge, Goal, Trigger
 from hakit.model import NodeId, State
-
-
-class CommandRefused(Exception):
-    """An operator command that cannot apply in the current state; the text says why."""
 
 
 class IllegalTransition(Exception):
@@ -102,6 +104,7 @@ class MirrorSettings:
     guard_period: float = 3600.0
     replicated: bool = False  # the module's directories are replicated: the data rules apply
     module: str = ""  # module name, for the commands suggested in reasons
+    arbitration: ArbitrationSettings = field(default_factory=ArbitrationSettings)  # none: off
 
 
 @dataclass(frozen=True)
@@ -169,6 +172,7 @@ class MirrorMachine:
         self.previous_state = d.state  # what the node was before the agent (re)started
         self.peer: PeerModuleStatus | None = None
         self.peer_silent_for: float | None = None
+        self.peer_heard_at = float("-inf")  # when the latest heartbeat of the peer came
         self.handover = False
         self.swap_request = False
         self.reason = (
@@ -188,6 +192,10 @@ class MirrorMachine:
         self.force = False  # `prim --force` accepted: the data rules are bypassed once
         self.mark_outdated = False  # yielded with a ran-alone copy: mark it outdated
         self.replica_failed = ""  # the process failed while start_prim ran: handled after it
+        self.arb = Arbitration(settings.arbitration, settings.node)
+        self.lease_wanted = False  # a move towards the primary role waits for the lease
+        self.fenced = False  # VIPs removed because the lease ran out (until STARTING_PRIM)
+        self.permitted = 0  # ran-alone generation permitted to the replication process
 
     # ------------------------------------------------------------------ public
     def status(self) -> Status:
@@ -222,7 +230,7 @@ class MirrorMachine:
         actions: list[Action] = []
         match event:
             case Command():
-                self._command(now, event, actions)
+                mirror_commands.apply(self, now, event, actions)
             case ScriptDone():
                 self._script_done(now, event, actions)
             case PeerHeard(status=status):
@@ -233,6 +241,7 @@ class MirrorMachine:
                 if was_contested and not status.claims_primary and self.state.serves:
                     actions.append(AnnounceVips())
                 self.peer = status
+                self.peer_heard_at = now
                 self.peer_silent_for = None
                 self.epoch = max(self.epoch, status.epoch)
                 if status.claims_primary and self.handover:
@@ -250,104 +259,19 @@ class MirrorMachine:
                 self._replica_report(event)
             case ReplicaFailed():
                 self._replica_failed(now, event, actions)
+            case ArbiterAnswered():
+                seen = self.peer_generation_seen
+                if self.arb.answered(event) and self.settings.replicated:
+                    seen = max(seen, self.arb.others.get(self.settings.peer, 0))
+                if seen != self.peer_generation_seen:
+                    self.peer_generation_seen = seen
+                    actions.append(self._persist())
             case Tick():
                 pass
         self._settle(now, actions)
         return actions
 
     # ------------------------------------------------------------------ events
-    def _command(self, now: float, cmd: Command, actions: list[Action]) -> None:
-        verb, state, peer = cmd.verb, self.state, self.peer
-        if verb == Verb.STOP:
-            self.wanted = False
-            if state == State.STOP:
-                raise CommandRefused("the module is already stopped")
-            if state in SCRIPT_OF:  # a script runs: stop once it has finished
-                self.goal = Goal.STOP
-                self.reason = "stop requested: stopping once the running script has finished"
-                actions.append(self._persist())
-                return
-            self._move(now, Trigger.STOP, "stop requested by the operator", actions)
-            return
-        if state in SCRIPT_OF:
-            raise CommandRefused(
-                f"busy: {SCRIPT_OF[state]} is running ({state}); try again when it has finished"
-            )
-        if verb in (Verb.START, Verb.PRIM, Verb.SECOND) and state == State.STOP:
-            if verb == Verb.PRIM and peer is not None and peer.claims_primary:
-                raise CommandRefused(f"peer {peer.node} is {peer.state}: use `swap` instead")
-            if verb == Verb.PRIM:
-                self._accept_prim(cmd)
-            self.wanted = True
-            trigger = {Verb.START: Trigger.START, Verb.PRIM: Trigger.PRIM}.get(verb, Trigger.SECOND)
-            self._move(now, trigger, f"{verb} requested by the operator", actions)
-            return
-        if verb == Verb.START:
-            raise CommandRefused(f"the module is already started ({state})")
-        if verb == Verb.PRIM:
-            if state in (State.PRIM, State.ALONE):
-                raise CommandRefused(f"this node is already primary ({state})")
-            if peer is not None and peer.claims_primary:
-                raise CommandRefused(f"peer {peer.node} is {peer.state}: use `swap` instead")
-            self._accept_prim(cmd)
-            forced = " --force" if self.force else ""
-            self._move(now, Trigger.PRIM, f"prim{forced} requested by the operator", actions)
-            return
-        if verb in (Verb.SWAP, Verb.SECOND):
-            self._swap(now, verb, actions)
-            return
-        if verb == Verb.RESTART:
-            if state not in (State.PRIM, State.ALONE):
-                raise CommandRefused(f"restart applies to the primary; this node is {state}")
-            self._move(now, Trigger.RESTART, "restart requested by the operator", actions)
-            return
-        if verb == Verb.STOPSTART:
-            if state not in (State.PRIM, State.ALONE, State.SECOND):
-                raise CommandRefused(f"stopstart needs a started module; this node is {state}")
-            self._move(now, Trigger.STOPSTART, "stopstart requested by the operator", actions)
-            return
-        raise CommandRefused(f"{verb} does not apply in state {state}")  # pragma: no cover
-
-    def _accept_prim(self, cmd: Command) -> None:
-        """Data rules for `prim` (replicated): refuse, or remember ``--force`` (changes nothing
-        before it may raise)."""
-        if not self.settings.replicated:
-            return
-        if not cmd.force:
-            refusal = self._data_refusal()
-            if refusal is not None:
-                hint = freshness.force_hint(self.settings.peer)
-                raise CommandRefused(f"prim refused: {refusal}{hint}")
-        self.force = cmd.force
-
-    def _swap(self, now: float, verb: Verb, actions: list[Action]) -> None:
-        state, peer = self.state, self.peer
-        has_secondary = peer is not None and peer.state in (State.SECOND, State.STARTING_SECOND)
-        if state in (State.PRIM, State.ALONE):
-            if not has_secondary:
-                raise CommandRefused(f"{verb}: no secondary to hand over to (this node is {state})")
-            assert peer is not None
-            if self.settings.replicated and not (
-                state == State.PRIM and peer.data == DataState.UPTODATE
-            ):
-                raise CommandRefused(
-                    f"{verb}: {peer.node} is not in sync yet ({freshness.describe(peer.record)})"
-                    f" and could not take over; try again once this node is PRIM"
-                )
-            self._move(now, Trigger.SWAP, f"{verb} requested: handing over", actions)
-            return
-        if verb == Verb.SECOND and state == State.WAIT:
-            self._move(now, Trigger.SECOND, "second requested by the operator", actions)
-            return
-        if state == State.SECOND and verb == Verb.SWAP:
-            if peer is None or not peer.claims_primary or peer.state == State.STOPPING_PRIM:
-                raise CommandRefused("swap: the peer is not primary")
-            self.swap_request = True
-            self.version += 1
-            self.reason = f"swap requested: asking {peer.node} to hand over"
-            return
-        raise CommandRefused(f"{verb} does not apply in state {state}")
-
     def _script_done(self, now: float, done: ScriptDone, actions: list[Action]) -> None:
         expected = SCRIPT_OF.get(self.state)
         if done.script != expected:
@@ -364,7 +288,7 @@ class MirrorMachine:
                 goal = Goal.SECOND if state == State.STOPPING_SECOND else Goal.STOP
                 what += f"; peer {self.peer.node} is primary now"
             elif goal == Goal.PRIM and state == State.STOPPING_SECOND:
-                refusal = self._refusal()
+                refusal = self._refusal() or self.arb.refusal(now)
                 if refusal is not None:
                     goal = Goal.WAIT
                     what += f"; not becoming primary: {refusal}"
@@ -467,6 +391,7 @@ class MirrorMachine:
         # its mounts died with it: the driver restarts it idle, and the role is set again
         # before any start_prim
         self.replica_role = ReplicaRole.IDLE
+        self.permitted = 0  # the restarted process has permitted nothing yet
         if self.state in (State.PRIM, State.ALONE):
             self._checker_failed(now, CheckerAction.FAILOVER, what, actions)
         elif self.state == State.STARTING_PRIM:
@@ -481,6 +406,7 @@ class MirrorMachine:
             action = SetReplication(role, force_full=self.force, peer_generation=seen)
             generation = max(self.data.generation, seen) + 1
             self.data = DataRecord(DataState.UPTODATE, generation, ran_alone=True)
+            self.permitted = 0
         else:
             action = SetReplication(role, outdated=self.mark_outdated)
             if self.mark_outdated:
@@ -526,13 +452,74 @@ class MirrorMachine:
 
     # ------------------------------------------------------------------ decisions
     def _settle(self, now: float, actions: list[Action]) -> None:
-        """Take the automatic transitions the current situation calls for (at most a few)."""
+        """Take the automatic transitions the current situation calls for (at most a few),
+        then what arbitration asks for."""
+        self.lease_wanted = False
         for _ in range(4):
             decided = self._decide(now)
             if decided is None:
-                return
+                break
             trigger, why = decided
+            blocked = self._lease_gate(now, trigger)
+            if blocked is not None:
+                self.lease_wanted = True
+                self.reason = f"{why}; {blocked}"
+                break
             self._move(now, trigger, why, actions)
+        self._arbitrate(now, actions)
+
+    def _lease_gate(self, now: float, trigger: Trigger) -> str | None:
+        """Why a move towards the primary role must wait for the arbiters (None: go)."""
+        edge = TABLE[self.state].get(trigger)
+        towards = edge is not None and (edge.to == State.STARTING_PRIM or edge.goal == Goal.PRIM)
+        if not towards or self.claims_primary:
+            return None
+        return self.arb.refusal(now)
+
+    def _arbitrate(self, now: float, actions: list[Action]) -> None:
+        """Fence, ask or release the lease, and permit writes made alone; inserted before the
+        ``RunScript`` of the list, if any (contract of :mod:`hakit.core.actions`)."""
+        extra: list[Action] = []
+        arb = self.arb
+        primary_role = self.replica_role == ReplicaRole.PRIMARY
+        if arb.enabled:
+            lapsed = self.claims_primary and self._must_fence(now) is not None
+            if lapsed and not self.fenced:  # the lease ran out alone: clients must not reach us
+                self.fenced = True
+                extra.append(DelVips())
+            alone = self.data.generation if primary_role and self.data.ran_alone else 0
+            synced = self.state == State.PRIM and self.in_sync
+            ask = arb.ask(now, self.claims_primary or self.lease_wanted, alone, synced)
+            if ask is not None:
+                extra.append(ask)
+        if self.settings.replicated and primary_role:
+            generation, peer = self.data.generation, self.peer
+            # no arbiter: a lost peer cannot be asked, the node goes on alone
+            elsewhere = arb.recorded() >= generation if arb.enabled else peer is None
+            known = elsewhere or (peer is not None and self._peer_is_current(peer))
+            if known and generation > self.permitted:
+                self.permitted = generation
+                extra.append(PermitAlone(generation))
+        at = next((i for i, a in enumerate(actions) if isinstance(a, RunScript)), len(actions))
+        actions[at:at] = extra
+
+    def _must_fence(self, now: float) -> str | None:
+        """Why this node, claiming the primary role without a valid lease, must stop serving
+        (None: it may go on). Its peer could take over: the peer is lost, claims the role, or
+        has been silent for longer than ``silence`` (a cut seen later here than there: the
+        peer takes over only after a whole heartbeat timeout of silence)."""
+        refusal = self.arb.refusal(now)
+        peer = self.peer
+        if refusal is None:
+            return None
+        if peer is None:
+            return f"{self.settings.peer} lost and {refusal}"
+        if peer.claims_primary:
+            return f"{peer.node} is {peer.state} and {refusal}"
+        silent = now - self.peer_heard_at
+        if silent > self.settings.arbitration.silence:
+            return f"{peer.node} silent for {silent:.1f} s and {refusal}"
+        return None
 
     def _decide(self, now: float) -> tuple[Trigger, str] | None:
         match self.state:
@@ -541,7 +528,7 @@ class MirrorMachine:
             case State.SECOND:
                 return self._decide_second()
             case State.PRIM | State.ALONE:
-                return self._decide_primary()
+                return self._decide_primary(now)
         return None
 
     def _decide_wait(self, now: float) -> tuple[Trigger, str] | None:
@@ -636,8 +623,11 @@ class MirrorMachine:
             )
         return None
 
-    def _decide_primary(self) -> tuple[Trigger, str] | None:
+    def _decide_primary(self, now: float) -> tuple[Trigger, str] | None:
         peer, s = self.peer, self.settings
+        fence = self._must_fence(now)
+        if fence is not None:
+            return Trigger.FENCED, f"{fence}: fencing (VIPs off, stopping)"
         if peer is None:
             if self.state == State.PRIM:
                 silent = self.peer_silent_for or 0.0
@@ -733,6 +723,9 @@ class MirrorMachine:
         if new == State.STOP:
             self.reason, self.stop_cause = self.stop_cause or why, ""
         actions.append(Transitioned(old, new, why))
+        if trigger == Trigger.FENCED:
+            self.fenced = True
+            actions.append(DelVips())  # at once: the stop script may take long
         self.version += 1
         if repl and self.data.ran_alone and trigger in _YIELDS_DATA:
             self.mark_outdated = True  # this node's changes made alone will be discarded
@@ -752,6 +745,8 @@ class MirrorMachine:
         if new in (State.STOP, State.STARTING, State.WAIT, State.STARTING_PRIM):
             self.peer_was_in_sync = False
         # entry actions
+        if new == State.STARTING_PRIM:
+            self.fenced = False
         if new == State.STARTING_PRIM and old != State.STOPPING_PRIM:
             self.epoch = max(self.epoch, self.peer.epoch if self.peer else 0) + 1
             self.primary_epoch = self.epoch

@@ -59,6 +59,7 @@ class Trigger(StrEnum):
     WON_ELECTION = "won election"
     LOST_ELECTION = "lost election"
     DUAL_PRIMARY = "both primary, this node yields"
+    FENCED = "peer lost, lease lost"  # arbitration: stop serving before the lease runs out
     # data freshness (replicated modules)
     REPLICA_DEGRADED = "secondary not in sync"  # the replication to the secondary stopped
     DATA_NOT_CURRENT = "data not provably up to date"  # may not take over: wait instead
@@ -92,6 +93,7 @@ _STOP_PRIM = {
     T.CHECK_FAILOVER: Edge(S.STOPPING_PRIM, G.SECOND),
     T.CHECK_STOP: Edge(S.STOPPING_PRIM, G.STOP),
     T.LOOP_GUARD: Edge(S.STOPPING_PRIM, G.STOP),
+    T.FENCED: Edge(S.STOPPING_PRIM, G.WAIT),
 }
 
 TABLE: dict[State, dict[Trigger, Edge]] = {
@@ -133,6 +135,7 @@ TABLE: dict[State, dict[Trigger, Edge]] = {
         T.THEN_STOP: Edge(S.STOPPING, G.STOP),
         T.THEN_SECOND: Edge(S.STARTING_SECOND),
         T.THEN_PRIM: Edge(S.STARTING_PRIM),
+        T.THEN_WAIT: Edge(S.WAIT),
         T.THEN_RESTART: Edge(S.STOPPING, G.RESTART_MODULE),
     },
     S.STARTING_SECOND: {

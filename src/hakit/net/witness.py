@@ -1,18 +1,20 @@
 """The witness service: module leases over authenticated UDP.
 
-Building block of arbitration (issue 5): the agents do not ask a witness yet. Run with
-``python -m hakit.net.witness -c CLUSTER_FILE --listen ADDRESS:PORT`` on a third host that
-both nodes reach; it keeps the leases of :class:`hakit.core.lease.LeaseTable`.
+Run with ``python -m hakit.net.witness -c CLUSTER_FILE --listen ADDRESS:PORT`` on a third
+host that both nodes reach (``hakit witness`` is the same); it keeps the leases and ran-alone
+records of :class:`hakit.core.lease.LeaseTable`. Agents ask it through :class:`WitnessClient`.
 
 Messages are :mod:`hakit.net.wire` envelopes, signed with keys derived from the cluster key
 for this purpose only (one for requests, one for answers: a heartbeat, a request and an answer
 can never pass for one another). A request comes from a node of the cluster, from one of that
 node's configured addresses, is well formed, and is newer than the last one accepted from it
-(:class:`~hakit.net.wire.ReplayGuard`); anything else is dropped without an answer. Request
-payload: ``{"op": "acquire"|"release", "module", "term" (the term the node believes it holds,
-0: none), "nonce" (32 random hex digits)}``. The answer echoes ``op``, ``module``, ``term`` and
-``nonce`` with ``granted``, ``holder``, ``term_now``, ``remaining``, ``reason``, so the client
-takes no answer for another (or an older) request.
+(:class:`~hakit.net.wire.ReplayGuard`, one sequence per node and module); anything else is
+dropped without an answer. Request payload: ``{"op": "acquire"|"release", "module", "term"
+(the term the node believes it holds, 0: none), "alone" (the generation it runs alone with,
+0: none), "synced" (its secondary is in sync), "nonce" (32 random hex digits)}``. The answer
+echoes the request's fields with ``granted``, ``holder``, ``term_now``, ``remaining``,
+``reason`` and ``records`` (the module's ran-alone records, ``[[node, generation], …]``), so the
+client takes no answer for another (or an older) request.
 
 Ordering: the lease state (term high-water mark, last holder and term per module) is written
 to the state file (atomically, fsynced) BEFORE an answer that reveals a change is sent, so a
@@ -31,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -85,7 +88,11 @@ class WitnessServer(asyncio.DatagramProtocol):
             str(m): (NodeId(v[0]), int(v[1])) if v else None
             for m, v in dict(state.get("last", {})).items()
         }
-        self.table = LeaseTable(duration, clock(), int(state.get("high_term", 0)), last)
+        alone = {
+            str(m): {NodeId(str(n)): int(g) for n, g in dict(r).items()}
+            for m, r in dict(state.get("alone", {})).items()
+        }
+        self.table = LeaseTable(duration, clock(), int(state.get("high_term", 0)), last, alone)
         self.broken = False  # the state could not be written: answer nothing any more
         self._save()
         self.guard = ReplayGuard()
@@ -120,29 +127,34 @@ class WitnessServer(asyncio.DatagramProtocol):
         request = env.payload
         op, module = request.get("op"), request.get("module")
         term, nonce = request.get("term", 0), request.get("nonce")
+        alone, synced = request.get("alone", 0), request.get("synced", False)
         well_formed = (
             op in ("acquire", "release")
             and isinstance(module, str)
             and bool(module)
-            and isinstance(term, int)
-            and not isinstance(term, bool)
+            and _count(term)
+            and _count(alone)
+            and isinstance(synced, bool)
             and isinstance(nonce, str)
             and len(nonce) == NONCE_HEX
         )
         if not well_formed or addr[0] not in self.nodes.get(env.sender, set()):
             self.dropped += 1
             return
-        if self.guard.check(env) != "new":  # only well-formed requests advance the guard
+        # one sequence per node and module: a node's modules ask independently
+        per_module = dataclasses.replace(env, sender=f"{env.sender}/{module}")
+        if self.guard.check(per_module) != "new":  # only well-formed requests advance it
             self.dropped += 1
             return
-        assert isinstance(module, str) and isinstance(term, int)  # checked above, for mypy
+        assert isinstance(module, str) and isinstance(term, int) and isinstance(alone, int)
         node, now, before = NodeId(env.sender), self.clock(), self.table.state()
         if op == "acquire":
-            answer = self.table.acquire(now, module, node, term)
+            answer = self.table.acquire(now, module, node, term, alone, bool(synced))
         else:
             released = self.table.release(now, module, node)
             holder = self.table.holder(now, module)
-            answer = Answer(False, holder, 0, 0.0, "released" if released else "not held")
+            why = "released" if released else "not held"
+            answer = Answer(False, holder, 0, 0.0, why, self.table.records(module))
         if self.table.state() != before:
             try:
                 self._save()  # persist the change BEFORE anyone can learn it
@@ -155,20 +167,25 @@ class WitnessServer(asyncio.DatagramProtocol):
             log.debug("%s %s from %s: %s", module, op, node, answer.reason)
         self.seq += 1
         reply = {
-            "op": op,
-            "module": module,
-            "term": term,
-            "nonce": nonce,
+            **{k: request[k] for k in _ECHOED if k in request},
             "granted": answer.granted,
             "holder": answer.holder,
             "term_now": answer.term,
             "remaining": answer.remaining,
             "reason": answer.reason,
+            "records": [list(r) for r in answer.alone],
         }
         env_out = Envelope(self.cluster, WITNESS, self.incarnation, self.seq, reply)
         out = encode(self.answer_key, env_out)
         if self.transport is not None:
             self.transport.sendto(out, addr)
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+_ECHOED = ("op", "module", "term", "alone", "synced", "nonce")
 
 
 async def ask(
@@ -182,16 +199,25 @@ async def ask(
     term: int,
     incarnation: int,
     seq: int,
+    alone: int = 0,
+    synced: bool = False,
     local: tuple[str, int] | None = None,
     timeout: float = 1.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> tuple[float, Answer] | None:
     """Send one request and wait for its answer: ``(send time on ``clock``, answer)``, or None
     without a valid answer to THIS request in time. ``seq`` grows with every request of this
-    ``incarnation`` of the node (persisted, bumped at each start)."""
+    ``incarnation`` of the node (persisted, bumped at each start) for this module."""
     request_key, answer_key = keys(key)
     nonce = os.urandom(NONCE_HEX // 2).hex()
-    request = {"op": op, "module": module, "term": term, "nonce": nonce}
+    request = {
+        "op": op,
+        "module": module,
+        "term": term,
+        "alone": alone,
+        "synced": synced,
+        "nonce": nonce,
+    }
     loop = asyncio.get_running_loop()
     got: asyncio.Future[Answer] = loop.create_future()
 
@@ -203,6 +229,9 @@ async def ask(
                 echoed = all(p.get(k) == v for k, v in request.items())
                 if env.sender == WITNESS and echoed and not got.done():
                     holder = p.get("holder")
+                    records = tuple(
+                        (NodeId(str(n)), int(g)) for n, g in list(p.get("records") or [])
+                    )
                     got.set_result(
                         Answer(
                             p.get("granted") is True,
@@ -210,6 +239,7 @@ async def ask(
                             int(p.get("term_now", 0)),
                             float(p.get("remaining", 0.0)),
                             str(p.get("reason", "")),
+                            records,
                         )
                     )
 
@@ -225,6 +255,54 @@ async def ask(
             return None
     finally:
         transport.close()
+
+
+class WitnessClient:
+    """An agent's requests to one witness, for one module (its own sequence numbers)."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        key: bytes,
+        cluster: str,
+        node: str,
+        address: tuple[str, int],
+        module: str,
+        incarnation: int,
+        *,
+        local_host: str | None = None,
+        timeout: float = 1.0,
+    ) -> None:
+        self.key, self.cluster, self.node = key, cluster, node
+        self.address, self.module, self.incarnation = address, module, incarnation
+        self.local = (local_host, 0) if local_host else None
+        self.timeout = timeout
+        self.seq = 0
+        self.name = f"{address[0]}:{address[1]}"
+
+    async def request(
+        self, op: str, term: int, alone: int = 0, synced: bool = False
+    ) -> tuple[float, Answer] | None:
+        """One request (``acquire`` or ``release``); None without an answer in time."""
+        self.seq += 1
+        try:
+            return await ask(
+                self.key,
+                self.cluster,
+                self.node,
+                self.address,
+                op=op,
+                module=self.module,
+                term=term,
+                incarnation=self.incarnation,
+                seq=self.seq,
+                alone=alone,
+                synced=synced,
+                local=self.local,
+                timeout=self.timeout,
+            )
+        except OSError as exc:  # unreachable network, no route: no answer
+            log.debug("witness %s: %s", self.name, exc)
+            return None
 
 
 def _load(path: Path, new: bool) -> dict[str, Any]:
