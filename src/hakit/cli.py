@@ -115,6 +115,12 @@ def build_parser() -> argparse.ArgumentParser:
     cfg_sub = cfg.add_subparsers(dest="config_command", required=True, metavar="SUBCOMMAND")
     cfg_sub.add_parser("check", help="validate the cluster file and module folders")
 
+    w = sub.add_parser("witness", help="run a witness (arbiter) for this cluster, on a third host")
+    w.add_argument("--listen", required=True, metavar="ADDRESS:PORT")
+    w.add_argument("--lease", type=float, default=None, help="lease duration (default: config)")
+    w.add_argument("--state", type=Path, default=None, help="state file (default: state_dir)")
+    w.add_argument("--new", action="store_true", help="first start: create the state file")
+
     from hakit.lab.cli import add_lab_parser  # noqa: PLC0415 - keeps `hakit state` start-up light
 
     add_lab_parser(sub)
@@ -182,7 +188,20 @@ def _dispatch(args: argparse.Namespace, console: Console) -> int:
             f"nodes {', '.join(sorted(cfg.cluster.nodes))}, "
             f"modules {', '.join(sorted(cfg.modules)) or '(none)'}"
         )
+        if not cfg.cluster.arbitration.arbiters and any(not m.farm for m in cfg.modules.values()):
+            console.print(
+                "[yellow]warning: no arbiter[/yellow]: if the nodes lose each other but keep "
+                "running, both become primary until the network heals; add [arbitration] "
+                "witnesses = [...] (docs/split-brain.md)"
+            )
         return 0
+    if args.command == "witness":
+        from hakit.net import witness  # noqa: PLC0415
+
+        argv = ["-c", str(config_path(args)), "--listen", args.listen]
+        argv += ["--duration", str(args.lease)] if args.lease else []
+        argv += ["--state", str(args.state)] if args.state else []
+        return witness.main(argv + (["--new"] if args.new else []))
     if args.command == "lab":
         from hakit.lab.cli import run_lab  # noqa: PLC0415
 

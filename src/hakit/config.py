@@ -97,6 +97,46 @@ class HeartbeatConfig(_Strict):
         return self
 
 
+class ArbitrationConfig(_Strict):
+    """Arbiters of the mirror modules (docs/split-brain.md). None configured: a cut between
+    the nodes makes both primary until it heals (the loser's changes go to a recovery folder)."""
+
+    witnesses: list[str] = []  # "ADDRESS:PORT" of `hakit witness` services; use 1 or 3
+    etcd: list[str] = []  # etcd client URLs, e.g. "http://192.0.2.9:2379" (one cluster)
+    lease: Duration = 3.0  # lease duration asked of the arbiters
+    margin: Duration = 0.5  # a node treats its lease as gone this long before it ends
+    renew: Duration = 1.0  # the primary renews its lease this often
+    timeout: Duration = 0.5  # an arbiter that has not answered within this is counted out
+
+    @model_validator(mode="after")
+    def _check(self) -> ArbitrationConfig:
+        for w in self.witnesses:
+            host, sep, port = w.rpartition(":")
+            if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"witnesses: {w!r} is not ADDRESS:PORT (e.g. 192.0.2.9:7430)")
+            _ip(host)
+        if self.witnesses and self.etcd:
+            raise ValueError("set witnesses or etcd, not both: one kind of arbiter per cluster")
+        for url in self.etcd:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(f"etcd: {url!r} must be an http:// or https:// client URL")
+        if not 0.1 <= self.margin < self.lease:
+            raise ValueError(
+                f"margin ({self.margin:g} s) must be at least 0.1 s and less than lease"
+            )
+        if self.renew + self.timeout >= self.lease - self.margin:
+            raise ValueError(
+                f"renew + timeout ({self.renew + self.timeout:g} s) must be less than "
+                f"lease - margin ({self.lease - self.margin:g} s), or one lost renewal fences "
+                "a healthy primary: lower renew or timeout, or raise lease"
+            )
+        return self
+
+    @property
+    def arbiters(self) -> list[str]:
+        return self.witnesses or (["etcd"] if self.etcd else [])
+
+
 class ApiConfig(_Strict):
     port: int = Field(default=9453, ge=1, le=65535)  # TCP port of health URLs on every node address
 
@@ -115,6 +155,7 @@ class ClusterConfig(_Strict):
     modules_dir: Path | None = None  # default: "modules" next to the cluster file
     heartbeat: HeartbeatConfig = HeartbeatConfig()
     api: ApiConfig = ApiConfig()
+    arbitration: ArbitrationConfig = ArbitrationConfig()
     nodes: dict[Name, NodeConfig]
     # networks on which replication runs without TLS: only for trusted, dedicated links
     plaintext_networks: list[Name] = []

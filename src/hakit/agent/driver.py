@@ -82,17 +82,36 @@ class Agent:
         for name, module in self.config.modules.items():
             if self.node not in module.nodes:
                 continue
-            kind = FarmRunner if module.farm else ModuleRunner
-            runner = kind(
-                module,
-                self.config,
-                self.node,
-                self.store,
-                clock=self.clock,
-                on_change=self.send_soon.set,
-            )
+            runner: ModuleRunner | FarmRunner
+            if module.farm:
+                runner = FarmRunner(
+                    module,
+                    self.config,
+                    self.node,
+                    self.store,
+                    clock=self.clock,
+                    on_change=self.send_soon.set,
+                )
+            else:
+                runner = ModuleRunner(
+                    module,
+                    self.config,
+                    self.node,
+                    self.store,
+                    clock=self.clock,
+                    on_change=self.send_soon.set,
+                    incarnation=self.incarnation,
+                )
             self.modules[name] = runner
             await runner.start()
+        if not cfg.arbitration.arbiters and any(
+            isinstance(r, ModuleRunner) for r in self.modules.values()
+        ):
+            log.warning(
+                "NO ARBITER CONFIGURED: if the nodes lose each other but both keep running, "
+                "both become primary until the network heals (the loser's changes are kept in "
+                "a recovery folder); add [arbitration] witnesses = [...] (docs/split-brain.md)"
+            )
         await self._remove_stale_farms()
         me = cfg.nodes[self.node].addresses
         self.transport = HeartbeatTransport(

@@ -5,8 +5,13 @@ written and fsynced before the next action; VIPs are added or removed before the
 script is started and its end comes back as a ``ScriptDone`` event. A peer never sees
 "STOPPING" before the VIP is gone.
 
-Caveats: a VIP that cannot be removed is logged as an error; the module goes on (there is
-nothing better to do without fencing, which comes with arbitration).
+Arbitration: ``AskArbiters`` sends one request per arbiter in its own task (the worker never
+waits for an arbiter); each answer is stepped as ``ArbiterAnswered``. ``PermitAlone`` is passed
+to the replicator at once.
+
+Caveats: a VIP that cannot be removed is logged as an error; the module goes on. A paused agent
+(SIGSTOP) cannot remove its VIPs when its lease ends: until it runs again, its replicated
+changes are held by the replicator (never acknowledged), and at its first tick it fences.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from hakit.agent import arbiters
 from hakit.agent.replica_proc import ReplicaProcess
 from hakit.agent.runner_base import Batch, RunnerBase
 from hakit.agent.store import Store
@@ -23,14 +29,16 @@ from hakit.core.actions import (
     Action,
     AddVips,
     AnnounceVips,
+    AskArbiters,
     DelVips,
+    PermitAlone,
     Persist,
     RunScript,
     SetReplication,
     StartCheckers,
     StopCheckers,
 )
-from hakit.core.events import Event, ReplicaFailed, ReplicaReport, ScriptDone
+from hakit.core.events import ArbiterAnswered, Event, ReplicaFailed, ReplicaReport, ScriptDone
 from hakit.core.freshness import DataRecord, DataState
 from hakit.core.mirror import Durable, MirrorMachine, MirrorSettings, Status
 from hakit.core.payload import Ack
@@ -54,6 +62,7 @@ class ModuleRunner(RunnerBase):
         *,
         clock: Callable[[], float],
         on_change: Callable[[], None],
+        incarnation: int = 0,
     ) -> None:
         super().__init__(module, config, node, store, clock=clock, on_change=on_change)
         self.peer = next(n for n in module.nodes if n != node)
@@ -72,7 +81,11 @@ class ModuleRunner(RunnerBase):
             guard_period=cfg.loop_guard.period,
             replicated=module.replicated,
             module=module.name,
+            arbitration=arbiters.settings(config),
         )
+        self.arbiters = arbiters.clients(config, node, module, incarnation)
+        self.arbiter_view: dict[str, str] = {}  # per arbiter: its latest answer, for the log
+        self._asks: set[asyncio.Task[None]] = set()
         self.durable: Durable = store.load_module(self.name)
         data: DataRecord | None = None
         self.replica: ReplicaProcess | None = None
@@ -117,6 +130,8 @@ class ModuleRunner(RunnerBase):
     async def close(self) -> None:
         if self.replica is not None:
             await self.replica.close()  # unmounts: the application loses its files
+        for task in list(self._asks):
+            task.cancel()
         await self._cancel_tasks()
 
     # ------------------------------------------------------------------ events
@@ -153,6 +168,14 @@ class ModuleRunner(RunnerBase):
                     self._announce(vip.interface, vip.address, vip.garp_count, vip.garp_interval)
             case SetReplication():
                 await self._set_replication(action)
+            case AskArbiters():
+                for name, client in self.arbiters.items():
+                    task = asyncio.create_task(self._ask(name, client, action))
+                    self._asks.add(task)
+                    task.add_done_callback(self._asks.discard)
+            case PermitAlone(generation=generation):
+                if self.replica is not None:
+                    await self.replica.permit(generation)
             case StartCheckers():
                 self._start_checkers()
             case StopCheckers():
@@ -190,6 +213,34 @@ class ModuleRunner(RunnerBase):
         if error is not None:
             self.vip_failure = f"replication ({role}): {error}"
             self.note(self.vip_failure, error=True)
+
+    async def _ask(self, name: str, client: arbiters.Arbiter, action: AskArbiters) -> None:
+        term = dict(action.terms).get(name, 0)
+        got = await client.request(action.op, term, action.alone, action.synced)
+        if action.op != "acquire":
+            return
+        if got is None:
+            view = "no answer"
+        else:
+            a = got[1]
+            # without the seconds left, which change at every answer
+            view = (
+                f"granted, term {a.term}"
+                if a.granted
+                else f"refused (held by {a.holder})"
+                if a.holder
+                else f"refused: {a.reason.split(':')[0]}"
+            )
+            if a.alone:
+                view += "; ran alone: " + ", ".join(f"{n} at generation {g}" for n, g in a.alone)
+        if view != self.arbiter_view.get(name):
+            self.arbiter_view[name] = view
+            self.note(f"arbiter {name}: {view}", error=view == "no answer")
+        if got is not None:
+            try:
+                self.step(ArbiterAnswered(name, got[0], got[1]))
+            except Exception:
+                log.exception("module %s: BUG stepping an arbiter's answer", self.name)
 
     def _replica_report(self, msg: dict[str, object]) -> None:
         try:

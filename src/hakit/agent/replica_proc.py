@@ -129,6 +129,19 @@ class ReplicaProcess:
         self.role = role
         return None
 
+    async def permit(self, generation: int) -> None:
+        """Tell the primary's replicator it may acknowledge unreplicated changes up to
+        ``generation`` (no answer; a replicator that died will be told again)."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return
+        line = json.dumps({"cmd": "permit", "generation": generation}) + "\n"
+        try:
+            proc.stdin.write(line.encode())
+            await proc.stdin.drain()
+        except (ConnectionError, BrokenPipeError) as exc:
+            log.warning("module %s: permit not sent to the replicator: %s", self.module, exc)
+
     async def compare(self, checksums: bool, timeout: float = 3600.0) -> dict[str, Any]:
         """Run ``verify`` (with checksums) or ``diff`` in the replicator; its answer."""
         if self.proc is None or self.proc.returncode is not None:

@@ -58,6 +58,11 @@ def add_lab_parser(sub: Any) -> None:
     up.add_argument(
         "--no-start", action="store_true", help="start the agents only, not the modules"
     )
+    up.add_argument(
+        "--witness",
+        action="store_true",
+        help="run a witness on the client host and use it as the nodes' arbiter",
+    )
     ls.add_parser("status", help="hosts, links and module states")
     ls.add_parser("down", help="remove everything the lab created (also after a crash)")
     ls.add_parser("heal", help="plug every cut cable back and remove every partition")
@@ -111,6 +116,7 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
                 interval=interval,
                 timeout=timeout,
                 data_size=args.data_size,
+                witness=args.witness,
             )
             agents.wait_agents(lab)
         console.print(

@@ -52,6 +52,7 @@ from string import Template
 
 from hakit.errors import LabError
 from hakit.lab import faults, netns
+from hakit.lab import witness as lab_witness
 from hakit.lab.probe import Analysis, Record, analyze, check_target
 from hakit.system.run import Completed, run
 
@@ -63,6 +64,7 @@ HEARTBEAT_PORT = 7410  # UDP port of the heartbeat, written into cluster.toml
 API_PORT = 9453  # TCP port of the agent's API, written into cluster.toml
 CLIENT = "client"  # name of the client host in exec/run/status (namespace hkc)
 CLIENT_HOST = 50  # last octet of the client's addresses
+WITNESS_PORT = 7430  # UDP port of the lab's witness, on the client host (hakit.lab.witness)
 MAX_NODES = 39  # node i has host number 10+i, below the client's 50
 MAX_MODULES = 100  # VIPs 192.0.2.100 .. 192.0.2.199
 FIRST_VIP_HOST = 100
@@ -170,6 +172,8 @@ class LabState:
     nodes: dict[str, NodeState]
     modules: list[ModuleSpec]
     data_size: str | None = None  # each node's data on its own tmpfs of this size (diskfull)
+    witness: bool = False  # a witness runs on the client host; the nodes use it as arbiter
+    witness_pid: int | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2) + "\n"
@@ -185,6 +189,8 @@ class LabState:
             nodes={k: NodeState(**v) for k, v in data["nodes"].items()},
             modules=[ModuleSpec(**m) for m in data["modules"]],
             data_size=data.get("data_size"),
+            witness=bool(data.get("witness", False)),
+            witness_pid=data.get("witness_pid"),
         )
 
 
@@ -211,6 +217,9 @@ def cluster_toml(state: LabState, node: str) -> str:
         f"port = {API_PORT}",
         "",
     ]
+    if state.witness:
+        client = boot_addresses(CLIENT_HOST, 1)[0].partition("/")[0]
+        lines += ["[arbitration]", f'witnesses = ["{client}:{WITNESS_PORT}"]', ""]
     for n in state.nodes.values():
         pairs = [
             f"{net.name} = {_toml_str(addr.partition('/')[0])}"
@@ -377,12 +386,14 @@ class Lab:
         timeout: str = "3s",
         *,
         data_size: str | None = None,
+        witness: bool = False,
     ) -> LabState:
         """Build the lab from scratch and start one agent per node; return its state.
 
         ``data_size`` (e.g. "256M"): each node's ``data`` directory is a tmpfs of that size, so
         that :func:`hakit.lab.faults.diskfull` can fill one node's file system without
-        touching the host's disk.
+        touching the host's disk. ``witness``: a witness runs on the client host and every
+        node's cluster file names it as arbiter (:mod:`hakit.lab.witness`).
 
         ``nodes``: 1..39. ``modules``: ``TEMPLATE`` or ``TEMPLATE:NAME`` entries (templates
         under hakit/templates). ``networks``: 1 (lan) or 2 (lan + backup). ``interval`` and
@@ -415,6 +426,7 @@ class Lab:
             nodes={f"n{i}": NodeState(f"n{i}", i) for i in range(1, nodes + 1)},
             modules=specs,
             data_size=data_size,
+            witness=witness,
         )
         self._save(state)  # first, so that down() can clean up after a crash from here on
         try:
@@ -424,6 +436,8 @@ class Lab:
             netns.add_host(netns.CLIENT_NS, boot_addresses(CLIENT_HOST, networks))
             (self.root / CLIENT).mkdir(exist_ok=True)
             self._write_config(state)
+            if witness:
+                state.witness_pid = lab_witness.start(self)
             for node in state.nodes.values():
                 node.agent_pid = self._start_agent(node.name)
             self._save(state)
@@ -512,6 +526,10 @@ class Lab:
         self._children[proc.pid] = proc
         log.info("agent of %s started: pid %d", node, proc.pid)
         return proc.pid
+
+    def register_child(self, proc: subprocess.Popen[bytes]) -> None:
+        """Remember a process this lab started (reaped once it ends)."""
+        self._children[proc.pid] = proc
 
     def _reap(self) -> None:
         for pid, proc in list(self._children.items()):

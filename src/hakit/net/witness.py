@@ -328,7 +328,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m hakit.net.witness", description=__doc__)
     ap.add_argument("-c", "--config", required=True, type=Path, help="the cluster file")
     ap.add_argument("--listen", required=True, help="ADDRESS:PORT to listen on")
-    ap.add_argument("--duration", type=float, default=3.0, help="lease duration, seconds")
+    ap.add_argument(
+        "--duration", type=float, default=None, help="lease duration (default: [arbitration] lease)"
+    )
     ap.add_argument("--state", type=Path, default=None, help="state file (default: state_dir)")
     ap.add_argument("--new", action="store_true", help="first start: create the state file")
     args = ap.parse_args(argv)
@@ -339,7 +341,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     state = args.state or conf.cluster.state_dir / "witness.json"
     try:
         server = WitnessServer(
-            conf.key(), conf.cluster.name, nodes, state, duration=args.duration, new=args.new
+            conf.key(),
+            conf.cluster.name,
+            nodes,
+            state,
+            duration=args.duration or conf.cluster.arbitration.lease,
+            new=args.new,
         )
     except ValueError as exc:
         print(f"witness: {exc}", file=sys.stderr)

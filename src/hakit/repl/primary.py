@@ -15,15 +15,25 @@ while making the local change and calling :meth:`change`, so that the order of r
 the wire is the order of the changes on the primary's disk; then, *outside* the lock, call
 :meth:`finish`, which waits for the secondary. When :meth:`finish` returns, the change is on
 the secondary, or it is recorded in the journal and the node's data record says it ran alone
-(rule 3 of docs/replication.md) — both durably.
+(rule 3 of docs/replication.md) — both durably — and the agent has permitted this generation
+(:meth:`permit`).
+
+**Held changes.** A change the secondary did not get (ALONE, or tracked during a resync) is
+acknowledged only once the agent said that its peer or a majority of its arbiters know the
+generation this node runs alone with (``PermitAlone``, docs/split-brain.md): until then the
+caller waits, at most ``hold_timeout`` seconds, then gets EIO — an error, never a silent loss.
+So a node cut from everything cannot acknowledge a write that its peer, taking over, would not
+have.
 """
 
 from __future__ import annotations
 
 import enum
+import errno
 import logging
 import ssl
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -62,14 +72,16 @@ class PrimarySettings:
     bandwidth: float | None = None  # resync cap, bytes/s
     checkpoint_interval: float = 2.0  # SYNCFS on the secondary this often (crash window)
     retry_interval: float = 0.25  # reconnection attempts while ALONE (refused at once if down)
+    hold_timeout: float = 10.0  # an unreplicated change waits this long for its permit, then EIO
 
 
 @dataclass
 class Ticket:
-    """A change sent to the secondary, to wait for in :meth:`PrimaryReplicator.finish`."""
+    """A change sent to the secondary (or only tracked: ``pending`` None), to wait for in
+    :meth:`PrimaryReplicator.finish`."""
 
-    pending: Pending
-    link: Link
+    pending: Pending | None
+    link: Link | None
     keys: tuple[Key, ...]
     what: str
 
@@ -104,6 +116,9 @@ class PrimaryReplicator:
         self._threads: list[threading.Thread] = []
         self.resync_progress: dict[str, Any] = {}
         self._checksum_request = False  # set by full_resync, taken by the next resync
+        self.permitted = 0  # unreplicated changes may be acknowledged up to this generation
+        self._permit = threading.Condition()
+        self._holding_since: float | None = None  # for the log: when changes started waiting
 
     # ------------------------------------------------------------------ lifecycle
     def start(self, force_full: bool, peer_generation: int) -> None:
@@ -134,9 +149,45 @@ class PrimaryReplicator:
             t.start()
             self._threads.append(t)
 
+    def permit(self, generation: int) -> None:
+        """The agent's ``PermitAlone``: release the changes held for generations up to it."""
+        with self._permit:
+            if generation > self.permitted:
+                self.permitted = generation
+                if self._holding_since is not None:
+                    held = time.monotonic() - self._holding_since
+                    log.info(
+                        "generation %d permitted: held changes go on (%.2f s)", generation, held
+                    )
+                    self._holding_since = None
+                self._permit.notify_all()
+
+    def _await_permit(self) -> None:
+        """Return once the current generation is permitted; EIO after ``hold_timeout`` or when
+        the primary role ends (the change stays on this disk, tracked, unacknowledged)."""
+        if self.permitted >= self.record.generation:
+            return
+        deadline = time.monotonic() + self.s.hold_timeout
+        with self._permit:
+            while self.permitted < self.record.generation:
+                left = deadline - time.monotonic()
+                if self._stop.is_set() or left <= 0:
+                    why = "primary role ended" if self._stop.is_set() else "no permit in time"
+                    raise OSError(errno.EIO, f"unreplicated change not acknowledged: {why}")
+                if self._holding_since is None:
+                    self._holding_since = time.monotonic()
+                    log.warning(
+                        "holding unreplicated changes until generation %d is known to the peer "
+                        "or the arbiters",
+                        self.record.generation,
+                    )
+                self._permit.wait(min(left, 0.5))
+
     def stop(self) -> None:
         """Stop replicating (after the file systems are unmounted): flush ranges, close."""
         self._stop.set()
+        with self._permit:
+            self._permit.notify_all()
         link = self.link
         if link is not None:
             link.close("primary role ended")
@@ -201,25 +252,30 @@ class PrimaryReplicator:
         if all(self.excluded(root, k[1]) for k in keys):
             return None
         link = self.link
+        what = f"{req.op.name} {req.path!r}"
         if (
             self.mode == Mode.ALONE
             or link is None
             or (self.mode == Mode.RESYNC and any(self.journal.contains(*k) for k in keys))
         ):
             self._track(keys, rng, tree)
-            return None
+            return Ticket(None, None, keys, what)
         try:
             pending = link.submit(replace(req, root=root))
         except ReplicaLost as exc:
             self._degrade_locked(str(exc))
             self._track(keys, rng, tree)
-            return None
+            return Ticket(None, None, keys, what)
         self._recent[-1][1].update(keys)
-        return Ticket(pending, link, keys, f"{req.op.name} {req.path!r}")
+        return Ticket(pending, link, keys, what)
 
     def finish(self, ticket: Ticket | None) -> None:
-        """Wait for the secondary; on failure, record the change and run alone (durably)."""
+        """Wait for the secondary; on failure, record the change and run alone (durably). A
+        change the secondary did not get then waits for its permit (module docstring)."""
         if ticket is None:
+            return
+        if ticket.pending is None:
+            self._await_permit()
             return
         try:
             reply = ticket.pending.wait()
@@ -228,6 +284,7 @@ class PrimaryReplicator:
                 if self.link is ticket.link:
                     self._degrade_locked(str(exc))
                 self._track(ticket.keys, None, False)
+            self._await_permit()
             return
         if reply.err:
             why = f"secondary could not apply {ticket.what}: {reply.message}"
@@ -237,7 +294,9 @@ class PrimaryReplicator:
                     self._degrade_locked(why)
                 self._track(ticket.keys, None, False)
             if mine:
+                assert ticket.link is not None
                 ticket.link.close(why)  # outside the order lock: closing calls back into us
+            self._await_permit()
 
     # ------------------------------------------------------------------ internals
     def _track(self, keys: tuple[Key, ...], rng: tuple[int, int] | None, tree: bool) -> None:

@@ -3,7 +3,9 @@
 The agent starts it and talks to it over its stdin/stdout, one JSON object per line:
 
 - agent → replicator: ``{"cmd": "role", "id": N, "role": "primary"|"secondary"|"idle",
-  "force_full": bool, "peer_generation": int, "outdated": bool}``, ``{"cmd": "ping", "id": N}``;
+  "force_full": bool, "peer_generation": int, "outdated": bool}``, ``{"cmd": "ping", "id": N}``,
+  ``{"cmd": "permit", "generation": G}`` (primary: unreplicated changes of generations up to G
+  may be acknowledged; no answer);
 - replicator → agent: ``{"ev": "done", "id": N, "ok": bool, "error": str}`` when a role
   change is complete (file systems mounted, listener up, or everything released),
   ``{"ev": "pong", "id": N}``, ``{"ev": "record", …}`` (data record, mode, progress).
@@ -343,6 +345,10 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=rep.compare, args=(cmd,), daemon=True).start()
         elif cmd.get("cmd") == "fullsync":
             work.put(cmd)  # on the role worker: never during a role change
+        elif cmd.get("cmd") == "permit":
+            prim = rep.primary
+            if prim is not None and isinstance(cmd.get("generation"), int):
+                prim.permit(cmd["generation"])
         elif cmd.get("cmd") == "ping":
             rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
         elif cmd.get("cmd") == "role":
