@@ -32,7 +32,7 @@ from typing import Any
 
 from rich.console import Console
 
-from hakit.lab import agents, netns
+from hakit.lab import agents, faults, netns
 from hakit.lab.cli import PROFILES, start_modules
 from hakit.lab.lab import TEMPLATES, Lab
 from hakit.lab.probe import Analysis
@@ -53,6 +53,7 @@ class LabSpec:
     templates: Path = TEMPLATES
     data_size: str | None = None  # each node's data on a tmpfs of that size (lab diskfull)
     networks: int = 1  # 1 (lan) or 2 (lan + backup heartbeat networks)
+    witness: bool = False  # a witness on the client host, the nodes' arbiter
 
     @property
     def timeout(self) -> float:
@@ -80,10 +81,11 @@ class LabHolder:
         start: bool = True,
         data_size: str | None = None,
         networks: int = 1,
+        witness: bool = False,
     ) -> Lab:
         """A lab of that shape with every module PRIM + SECOND (``start``: else agents only,
         modules STOP, which implies a fresh lab)."""
-        spec = LabSpec(tuple(modules), profile, templates, data_size, networks)
+        spec = LabSpec(tuple(modules), profile, templates, data_size, networks, witness)
         if self.lab is not None and self.spec == spec and not fresh and start:
             try:
                 self._restore(self.lab)
@@ -108,6 +110,7 @@ class LabHolder:
             timeout=timeout,
             networks=spec.networks,
             data_size=spec.data_size,
+            witness=spec.witness,
         )
         agents.wait_agents(lab)
         if start:
@@ -118,6 +121,8 @@ class LabHolder:
         """Heal every cable, power every node on, start every stopped module, wait for pairs."""
         lab.heal()
         for name, node in lab.state().nodes.items():
+            if name in faults.paused_nodes(lab):
+                faults.resume(lab, name)
             if node.powered and node.agent_pid is not None and not netns.pid_alive(node.agent_pid):
                 warnings.warn(f"the agent of {name} died during the previous test", stacklevel=3)
             lab.poweron(name)  # idempotent: also restarts a dead agent

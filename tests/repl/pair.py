@@ -3,7 +3,9 @@
 Node ``a`` (127.0.0.1) and node ``b`` (127.0.0.2) each get a cluster config under ``root``, a
 module ``m`` replicating ``<root>/<node>/data/one`` and ``.../two``, and their own state dir.
 The test drives the roles as the agent would (JSON lines on stdin) and reads the records the
-processes report. Loopback only; every process is ended by its PID.
+processes report. Like an agent without arbiters whose peer knows every generation at once,
+it permits each generation a primary reports (``auto_permit``; off: the test permits with
+:meth:`permit`). Loopback only; every process is ended by its PID.
 """
 
 from __future__ import annotations
@@ -55,9 +57,18 @@ class Replicator:
     """One ``hakit.repl.process`` under test."""
 
     def __init__(
-        self, root: Path, node: str, port: int, extra: str = "", *, plaintext: bool = False
+        self,
+        root: Path,
+        node: str,
+        port: int,
+        extra: str = "",
+        *,
+        plaintext: bool = False,
+        auto_permit: bool = True,
     ) -> None:
         self.node = node
+        self.auto_permit = auto_permit
+        self._stdin = threading.Lock()
         self.root = root
         self.config = write_config(root, node, port, extra, plaintext=plaintext)
         self.log = (root / f"{node}.log").open("ab")
@@ -91,9 +102,23 @@ class Replicator:
     def _read(self) -> None:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
+            event = json.loads(line)
             with self._cond:
-                self.events.append(json.loads(line))
+                self.events.append(event)
                 self._cond.notify_all()
+            if self.auto_permit and event.get("ev") == "record" and event.get("generation"):
+                with contextlib.suppress(OSError, ValueError):
+                    self.permit(int(event["generation"]))
+
+    def permit(self, generation: int) -> None:
+        """The agent's PermitAlone for ``generation``."""
+        self._send({"cmd": "permit", "generation": generation})
+
+    def _send(self, cmd: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        with self._stdin:
+            self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
+            self.proc.stdin.flush()
 
     def role(
         self,
@@ -111,9 +136,7 @@ class Replicator:
             "force_full": force_full,
             "outdated": outdated,
         }
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps(cmd) + "\n").encode())
-        self.proc.stdin.flush()
+        self._send(cmd)
         done = self.wait_for(lambda e: e.get("ev") == "done" and e.get("id") == self._ids, timeout)
         if not done["ok"]:
             raise RuntimeError(f"{self.node}: role {role} failed: {done['error']}")

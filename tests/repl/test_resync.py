@@ -192,8 +192,7 @@ def _compare(rep: object, what: str) -> dict[str, object]:
     r = rep  # a pair.Replicator
     r._ids += 1  # type: ignore[attr-defined]
     ident = r._ids  # type: ignore[attr-defined]
-    r.proc.stdin.write(f'{{"cmd": "{what}", "id": {ident}}}\n'.encode())  # type: ignore[attr-defined]
-    r.proc.stdin.flush()  # type: ignore[attr-defined]
+    r._send({"cmd": what, "id": ident})  # type: ignore[attr-defined]
     answer = r.wait_for(lambda e: e.get("ev") == "report" and e.get("id") == ident)  # type: ignore[attr-defined]
     assert answer["ok"], answer
     return answer["report"]  # type: ignore[no-any-return]

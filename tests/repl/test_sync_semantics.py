@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -281,3 +282,28 @@ def test_excluded_paths_stay_on_the_primary(
     assert (other / "logs" / "sub" / "kept.log").exists()
     for gone in ("cache", "work.tmp", "logs/app.log"):
         assert not (other / gone).exists(), gone
+
+
+def test_a_change_the_secondary_did_not_get_waits_for_its_permit(pair: Pair) -> None:
+    """Without a secondary, a write returns only once the agent permitted the generation the
+    primary now runs alone with (its peer or the arbiters know it): never a silent loss."""
+    pair.start()
+    pair.a.auto_permit = False
+    since = pair.a.mark()
+    pair.b.kill()
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            (pair.a.data() / "held.txt").write_bytes(b"x" * 10)
+        except OSError as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+        done.set()
+
+    threading.Thread(target=write, daemon=True).start()
+    alone = pair.a.wait_alone(since=since)
+    assert not done.wait(1.5), "an unreplicated write was acknowledged without a permit"
+    pair.a.permit(int(alone["generation"]))
+    assert done.wait(5.0) and not errors, errors
+    assert (pair.a.data() / "held.txt").read_bytes() == b"x" * 10

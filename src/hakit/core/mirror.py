@@ -634,6 +634,10 @@ class MirrorMachine:
                 return Trigger.PEER_LOST, f"{s.peer} lost: no heartbeat for {silent:.1f} s"
             return None
         if peer.claims_primary and peer.state in (State.PRIM, State.ALONE):
+            if self.arb.enabled:
+                # this node holds the lease (else _must_fence decided): the peer's claim is
+                # stale (a late heartbeat) or it fences itself now; the term decides nothing
+                return None
             if self._yields_to_peer(peer):
                 return Trigger.DUAL_PRIMARY, (
                     f"{peer.node} is also {peer.state}; its primary term is older "

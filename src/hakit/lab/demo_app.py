@@ -6,6 +6,9 @@
 * ``POST /append`` with one line as body appends that line to ``DATA/records.log``, fsyncs the
   file, then answers 200 with the node name: when the client has its answer, the record is on
   disk (the replication tests rely on this order).
+* ``POST /sqlite`` with one line as body inserts it as a row of table ``records`` of the SQLite
+  database ``DATA/records.db`` in one committed transaction (rollback journal, synchronous
+  FULL), then answers 200 with the node name; a row already there is a 409.
 * ``GET /stream?seconds=S`` keeps the connection open for S seconds (at most 600): a line with
   the node name every 100 ms, then ``end``. The lab's stream client
   (:mod:`hakit.lab.streams`) uses it to see whether long-lived connections survive a change.
@@ -25,6 +28,7 @@ import argparse
 import logging
 import os
 import signal
+import sqlite3
 import sys
 import threading
 import time
@@ -51,6 +55,7 @@ class DemoServer(ThreadingHTTPServer):
         super().__init__(address, DemoHandler)
         self.node = node
         self.records = data_dir / "records.log"
+        self.database = data_dir / "records.db"
         self.write_lock = threading.Lock()
 
     def append(self, line: bytes) -> None:
@@ -62,6 +67,25 @@ class DemoServer(ThreadingHTTPServer):
                 os.fsync(fd)
             finally:
                 os.close(fd)
+
+    def insert(self, line: bytes) -> bool:
+        """Insert ``line`` into the database, committed (durable) before returning; False if
+        the row exists."""
+        with self.write_lock:
+            db = sqlite3.connect(self.database, timeout=10, isolation_level=None)
+            try:
+                db.execute("PRAGMA synchronous=FULL")
+                db.execute("CREATE TABLE IF NOT EXISTS records (rec TEXT PRIMARY KEY)")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.execute("INSERT INTO records VALUES (?)", (line.decode(),))
+                except sqlite3.IntegrityError:
+                    db.execute("ROLLBACK")
+                    return False
+                db.execute("COMMIT")
+                return True
+            finally:
+                db.close()
 
 
 class DemoHandler(BaseHTTPRequestHandler):
@@ -103,7 +127,7 @@ class DemoHandler(BaseHTTPRequestHandler):
             return  # the client went away
 
     def do_POST(self) -> None:
-        if self.path != "/append":
+        if self.path not in ("/append", "/sqlite"):
             self._answer(404, b"not found\n")
             return
         try:
@@ -119,10 +143,14 @@ class DemoHandler(BaseHTTPRequestHandler):
             self._answer(400, b"body must be exactly one line\n")
             return
         try:
-            self.server.append(line)
-        except OSError as exc:
-            log.error("append failed: %s", exc)
-            self._answer(500, f"append failed: {exc.strerror}\n".encode())
+            if self.path == "/append":
+                self.server.append(line)
+            elif not self.server.insert(line):
+                self._answer(409, b"row exists\n")
+                return
+        except (OSError, sqlite3.Error, UnicodeDecodeError) as exc:
+            log.error("%s failed: %s", self.path, exc)
+            self._answer(500, f"{self.path} failed: {exc}\n".encode())
             return
         self._answer(200, f"{self.server.node}\n".encode())
 

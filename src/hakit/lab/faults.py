@@ -129,6 +129,15 @@ def resume(lab: Lab, node: str) -> int:
     return pid
 
 
+def paused_nodes(lab: Lab) -> list[str]:
+    """The powered-on nodes whose agent is stopped by a signal."""
+    return [
+        name
+        for name, n in lab.state().nodes.items()
+        if n.powered and n.agent_pid is not None and is_paused(n.agent_pid)
+    ]
+
+
 def _wait_state(pid: int, *, stopped: bool, timeout: float = 5.0) -> None:
     deadline = time.monotonic() + timeout
     while is_paused(pid) != stopped:

@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from string import Template
 
+from hakit.config import parse_duration
 from hakit.errors import LabError
 from hakit.lab import faults, netns
 from hakit.lab import witness as lab_witness
@@ -217,9 +218,18 @@ def cluster_toml(state: LabState, node: str) -> str:
         f"port = {API_PORT}",
         "",
     ]
-    if state.witness:
+    if state.witness:  # lease ~ the heartbeat timeout (at least 1.5 s): failover stays fast
         client = boot_addresses(CLIENT_HOST, 1)[0].partition("/")[0]
-        lines += ["[arbitration]", f'witnesses = ["{client}:{WITNESS_PORT}"]', ""]
+        lease = max(1.5, parse_duration(state.timeout))
+        lines += [
+            "[arbitration]",
+            f'witnesses = ["{client}:{WITNESS_PORT}"]',
+            f"lease = {lease:g}",
+            f"margin = {lease / 6:.3g}",
+            f"renew = {lease / 4:.3g}",
+            f"timeout = {min(0.5, lease / 5):.3g}",
+            "",
+        ]
     for n in state.nodes.values():
         pairs = [
             f"{net.name} = {_toml_str(addr.partition('/')[0])}"

@@ -75,6 +75,9 @@ class Replicator:
         self.role = "idle"
         self.fds: list[int] = []
         self.primary: PrimaryReplicator | None = None
+        # highest generation the agent permitted: known to the peer or the arbiters, which
+        # stays true, so it carries over to the next primary role of this process
+        self.permitted = 0
         self.server: ReplicaServer | None = None
         self.applier: Applier | None = None
         self.mount_threads: list[threading.Thread] = []
@@ -159,6 +162,13 @@ class Replicator:
             Path(path).mkdir(parents=True, exist_ok=True)
             self.fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
 
+    def permit(self, generation: int) -> None:
+        """The agent's PermitAlone (reader thread): remembered, and passed to the primary."""
+        self.permitted = max(self.permitted, generation)
+        prim = self.primary
+        if prim is not None:
+            prim.permit(self.permitted)
+
     def _become_primary(self, force_full: bool, peer_generation: int) -> None:
         from hakit.repl.fusefs import mount  # noqa: PLC0415  (loads libfuse only when needed)
 
@@ -188,6 +198,7 @@ class Replicator:
         prim.start(force_full, peer_generation)  # generation bumped durably before mounting
         write_atomic(self.unclean_marker, "")
         self.primary = prim
+        prim.permit(self.permitted)  # a permit that came while the role was being set
         for i, path in enumerate(self.paths):
             fsname = f"hakit-{self.module.name}-{i}"
             t = threading.Thread(
@@ -345,10 +356,8 @@ def main(argv: list[str] | None = None) -> int:
             threading.Thread(target=rep.compare, args=(cmd,), daemon=True).start()
         elif cmd.get("cmd") == "fullsync":
             work.put(cmd)  # on the role worker: never during a role change
-        elif cmd.get("cmd") == "permit":
-            prim = rep.primary
-            if prim is not None and isinstance(cmd.get("generation"), int):
-                prim.permit(cmd["generation"])
+        elif cmd.get("cmd") == "permit" and isinstance(cmd.get("generation"), int):
+            rep.permit(cmd["generation"])
         elif cmd.get("cmd") == "ping":
             rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
         elif cmd.get("cmd") == "role":

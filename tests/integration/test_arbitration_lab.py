@@ -1,0 +1,101 @@
+"""Arbitration in the lab: a witness on the client host, real agents, a client appending
+records through the VIP. Every acknowledged record must be on the primary at the end, and no
+node may yield after both were primary (checked in every agent log by the ``lab`` fixture:
+these tests are NOT marked ``split_brain``).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from hakit.lab import agents, faults
+from hakit.lab.lab import Lab
+
+from .labkit import MODULE, LabSpec, log_marks, log_since, vip_on
+from .test_replication_lab import Writer, records
+
+pytestmark = [pytest.mark.integration, pytest.mark.lab(profile="fast", witness=True)]
+TIMEOUT = LabSpec().timeout  # fast profile: 0.5 s heartbeat timeout (lease 1.5 s)
+
+
+def never(lab: Lab, node: str, states: set[str], seconds: float) -> None:
+    """Watch ``node`` for ``seconds``: it never reports one of ``states``."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        view = agents.view(lab, node)
+        state = view["modules"][MODULE]["state"] if view else "DOWN"
+        assert state not in states, f"{node} became {state}"
+        time.sleep(0.05)
+
+
+def finish(lab: Lab, writer: Writer) -> tuple[str, list[int]]:
+    """Let the pair form again, stop the writer; (primary, acknowledged records)."""
+    prim, _ = agents.wait_pair(lab, MODULE, timeout=40)
+    time.sleep(0.5)
+    acked = writer.stop()
+    agents.wait_pair(lab, MODULE, timeout=20)
+    on_prim = set(records(lab, prim))
+    lost = [n for n in acked if f"rec-{n}" not in on_prim]
+    assert not lost, f"{len(lost)} acknowledged records lost on {prim}, first {lost[:5]}"
+    return prim, acked
+
+
+def test_partition_between_the_nodes_keeps_the_primary_and_the_other_never_serves(
+    lab: Lab,
+) -> None:
+    prim, second = agents.wait_pair(lab, MODULE)
+    writer = Writer(lab)
+    time.sleep(1.0)
+    faults.partition(lab, prim, second)
+    try:
+        agents.wait_states(lab, MODULE, {prim: "ALONE"}, timeout=15)
+        never(lab, second, {"STARTING_PRIM", "PRIM", "ALONE"}, seconds=4 * TIMEOUT + 3)
+        before = len(writer.acked)
+        time.sleep(1.0)
+        assert len(writer.acked) > before, "the primary stopped acknowledging writes"
+    finally:
+        lab.heal()
+    new_prim, acked = finish(lab, writer)
+    assert new_prim == prim and acked
+
+
+def test_an_isolated_primary_fences_and_the_secondary_takes_over(lab: Lab) -> None:
+    prim, second = agents.wait_pair(lab, MODULE)
+    writer = Writer(lab)
+    time.sleep(1.0)
+    marks = log_marks(lab)
+    lab.cut(prim)  # from the peer, the witness and the client
+    try:
+        agents.wait_states(lab, MODULE, {second: "ALONE"}, timeout=20)
+        assert not vip_on(lab, prim), "the isolated primary still holds the VIP"
+        fenced = [line for line in log_since(lab, marks)[prim] if "fencing" in line]
+        assert fenced, "the isolated primary did not log its fencing"
+    finally:
+        lab.heal()
+    new_prim, _ = finish(lab, writer)
+    assert new_prim == second
+
+
+def test_a_paused_primary_agent_does_not_serve_again_when_it_resumes(lab: Lab) -> None:
+    prim, second = agents.wait_pair(lab, MODULE)
+    writer = Writer(lab)
+    time.sleep(1.0)
+    faults.pause(lab, prim)
+    try:
+        agents.wait_states(lab, MODULE, {second: "ALONE"}, timeout=20)
+        time.sleep(1.0)
+        marks = log_marks(lab)
+    finally:
+        faults.resume(lab, prim)
+    # its first decision once it runs again is to fence (it cannot renew: n2 holds the lease)
+    end = time.monotonic() + 2.0
+    while agents.view(lab, prim)["modules"][MODULE]["state"] in ("PRIM", "ALONE"):  # type: ignore[index]
+        assert time.monotonic() < end, f"{prim} still primary 2 s after it resumed"
+        time.sleep(0.02)
+    never(lab, prim, {"STARTING_PRIM", "PRIM", "ALONE"}, seconds=2.0)
+    moves = [line for line in log_since(lab, marks)[prim] if " -> " in line]
+    assert moves and "fencing" in moves[0], moves[:5]
+    new_prim, _ = finish(lab, writer)
+    assert new_prim == second
