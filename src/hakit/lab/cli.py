@@ -15,12 +15,13 @@ import argparse
 import json
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from hakit.lab import agents, faults
+from hakit.lab import agents, chaos, faults
 from hakit.lab.lab import DEFAULT_ROOT, Lab
 from hakit.lab.probe import Analysis, format_summary
 
@@ -100,6 +101,15 @@ def add_lab_parser(sub: Any) -> None:
     )
     pr.add_argument("--json", action="store_true")
     ls.add_parser("demo", help="guided tour: failover, rejoin, swap (what `make demo` runs)")
+    ch = ls.add_parser(
+        "chaos",
+        help="build a lab with a witness, inject random faults under load, check nothing is lost",
+    )
+    ch.add_argument("--seed", type=int, default=1)
+    ch.add_argument("--faults", type=int, default=10)
+    ch.add_argument("--kinds", default=",".join(chaos.KINDS), help="comma-separated fault kinds")
+    ch.add_argument("--json", type=Path, default=None, help="also write the report here")
+    ch.add_argument("--keep", action="store_true", help="leave the lab up afterwards")
 
 
 def run_lab(args: argparse.Namespace, console: Console) -> int:
@@ -179,11 +189,45 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
         else:
             console.print(format_summary(analysis), markup=False)
         return 0
+    if cmd == "chaos":
+        kinds = tuple(k for k in args.kinds.split(",") if k)
+        unknown = sorted(set(kinds) - set(chaos.KINDS))
+        if unknown:
+            console.print(f"[red]unknown fault kinds {unknown}[/red] (known: {chaos.KINDS})")
+            return 2
+        report = run_chaos_lab(lab, args.seed, args.faults, kinds, console, keep=args.keep)
+        chaos.print_report(report, console.file)
+        if args.json:
+            args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+        return 0 if report.ok else 1
     if cmd == "demo":
         from hakit.lab.demo import run_demo  # noqa: PLC0415
 
         return int(run_demo(lab, console))
     raise AssertionError(cmd)  # pragma: no cover
+
+
+def run_chaos_lab(
+    lab: Lab,
+    seed: int,
+    count: int,
+    kinds: tuple[str, ...],
+    console: Console,
+    *,
+    keep: bool = False,
+) -> chaos.Report:
+    """Build the chaos lab (2 nodes, fast timing, a witness, data on 128 MB tmpfs), run the
+    faults, take it down (unless ``keep``)."""
+    interval, timeout = PROFILES["fast"]
+    with console.status("building the lab (2 nodes, a witness)…"):
+        lab.up(nodes=2, interval=interval, timeout=timeout, witness=True, data_size="128M")
+        agents.wait_agents(lab)
+    try:
+        start_modules(lab, console)
+        return chaos.run_chaos(lab, seed, count, kinds, progress=console.print)
+    finally:
+        if not keep:
+            lab.down()
 
 
 def start_modules(lab: Lab, console: Console) -> None:

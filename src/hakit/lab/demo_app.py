@@ -4,8 +4,8 @@
 
 * ``GET /`` answers 200 with body ``"<node>\\n"`` and header ``X-Node: <node>``.
 * ``POST /append`` with one line as body appends that line to ``DATA/records.log``, fsyncs the
-  file, then answers 200 with the node name: when the client has its answer, the record is on
-  disk (the replication tests rely on this order).
+  file, then answers 200 with the node name (header ``X-Acked-At``: when it was durable): when
+  the client has its answer, the record is on disk (the replication tests rely on this order).
 * ``POST /sqlite`` with one line as body inserts it as a row of table ``records`` of the SQLite
   database ``DATA/records.db`` in one committed transaction (rollback journal, synchronous
   FULL), then answers 200 with the node name; a row already there is a 409.
@@ -152,10 +152,14 @@ class DemoHandler(BaseHTTPRequestHandler):
             log.error("%s failed: %s", self.path, exc)
             self._answer(500, f"{self.path} failed: {exc}\n".encode())
             return
-        self._answer(200, f"{self.server.node}\n".encode())
+        # when the record became durable, on this host's wall clock (the chaos checker
+        # orders the acknowledgements of both nodes by it: one machine, one clock)
+        self._answer(200, f"{self.server.node}\n".encode(), acked_at=time.time())
 
-    def _answer(self, code: int, body: bytes) -> None:
+    def _answer(self, code: int, body: bytes, acked_at: float | None = None) -> None:
         self.send_response(code)
+        if acked_at is not None:
+            self.send_header("X-Acked-At", f"{acked_at:.6f}")
         self.send_header("X-Node", self.server.node)
         self.send_header("Content-Type", "text/plain; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))

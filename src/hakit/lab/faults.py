@@ -17,6 +17,7 @@ Every ``nft`` call runs inside the switch namespace (never in the root namespace
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import time
@@ -80,14 +81,21 @@ FILLER = ".lab-diskfull"
 def diskfull(lab: Lab, node: str) -> int:
     """Fill ``node``'s data file system; returns the bytes taken."""
     data = _data_fs(lab, node)
-    st = os.statvfs(data)
-    free = st.f_bavail * st.f_frsize
+    taken = 0
     fd = os.open(data / FILLER, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        size = os.fstat(fd).st_size
-        if free:
-            os.posix_fallocate(fd, size, free)
-        return free
+        for _ in range(20):  # the application may take space meanwhile: measure again
+            st = os.statvfs(data)
+            free = st.f_bavail * st.f_frsize
+            if not free:
+                break
+            try:
+                os.posix_fallocate(fd, os.fstat(fd).st_size, free)
+                taken += free
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+        return taken
     finally:
         os.close(fd)
 
