@@ -11,8 +11,14 @@ invariant: at most one node serves a module — except, without a witness, after
 may run ALONE), until the first moment after ``heal`` when the nodes hear each other again and
 have converged. Serving means: running the application or holding a VIP; with a witness
 (``witness=DURATION``: the real :class:`LeaseTable` as a third party, reachable unless
-``cut_witness`` or ``witness_down``), holding a VIP or acknowledging writes (a fenced node's
-application may still be stopping, unreachable and unable to acknowledge anything).
+``cut_witness`` or ``witness_down``), holding a VIP: a fenced node's application may still be
+stopping, but no client reaches it any more (what it acknowledged is checked by the second
+invariant).
+
+``pause(node)`` freezes a node's agent (SIGSTOP): no ticks, no heartbeats sent, script ends
+and everything received kept until ``resume``; its application, VIPs and replication process
+go on. The replication process's watchdog (``FenceAt``) removes the VIPs when its deadline
+passes and reports ``ReplicaFenced``.
 
 Replicated modules (``replicated=True`` in a module's options) also get a simulated replication
 process per node (:class:`SimReplica`) that follows docs/replication.md: ``SetReplication``
@@ -41,6 +47,7 @@ from hakit.core.actions import (
     AnnounceVips,
     AskArbiters,
     DelVips,
+    FenceAt,
     PermitAlone,
     Persist,
     ReplicaRole,
@@ -58,6 +65,7 @@ from hakit.core.events import (
     PeerHeard,
     PeerLost,
     ReplicaFailed,
+    ReplicaFenced,
     ReplicaReport,
     ScriptDone,
     Tick,
@@ -83,6 +91,7 @@ class SimReplica:
     resync_done_at: float | None = None  # primary: the running resync of the secondary ends
     down_until: float | None = None  # the process failed; the driver restarts it then
     permitted: int = 0  # PermitAlone: unreplicated writes acknowledged up to this generation
+    fence_at: float = 0.0  # FenceAt: the watchdog removes the VIPs after this (0: never)
 
     def acknowledges(self) -> bool:
         return self.role == ReplicaRole.PRIMARY and (
@@ -111,6 +120,8 @@ class SimNode:
     modules: dict[ModuleName, SimModule] = field(default_factory=dict)
     tracker: PeerTracker | None = None
     next_heartbeat: float = 0.0
+    paused: bool = False  # the agent is SIGSTOPped
+    backlog: list[Callable[[], None]] = field(default_factory=list)  # received while paused
 
 
 class SimCluster(SimClock):
@@ -207,6 +218,7 @@ class SimCluster(SimClock):
         if rep.role == ReplicaRole.PRIMARY:
             rep.role = ReplicaRole.IDLE
         rep.permitted = 0
+        rep.fence_at = 0.0
         rep.connected = rep.in_sync = False
         rep.resync_done_at = None
         rep.down_until = self.now + restart_after
@@ -224,6 +236,18 @@ class SimCluster(SimClock):
         self.healed_at = self.now
         self.log("-- heal")
 
+    def pause(self, node: str) -> None:
+        self.nodes[node].paused = True
+        self.log(f"-- pause the agent of {node}")
+
+    def resume(self, node: str) -> None:
+        n = self.nodes[node]
+        n.paused = False
+        self.log(f"-- resume the agent of {node}")
+        backlog, n.backlog = n.backlog, []
+        for deliver in backlog:  # what its sockets and pipes kept, in order
+            deliver()
+
     def cut_witness(self, node: str) -> None:
         """``node`` no longer reaches the witness (nor the witness it)."""
         self.witness_cut.add(node)
@@ -236,6 +260,7 @@ class SimCluster(SimClock):
     def poweroff(self, node: str) -> None:
         n = self.nodes[node]
         n.powered = False
+        n.paused, n.backlog = False, []
         for m in n.modules.values():
             m.app = m.vip = False
             m.script = None
@@ -262,10 +287,7 @@ class SimCluster(SimClock):
         out = []
         for name, n in self.nodes.items():
             m = n.modules[ModuleName(module)]
-            if self.witness is None:
-                serves = m.app or m.vip
-            else:
-                serves = m.vip or (m.app and m.replica is not None and m.replica.acknowledges())
+            serves = (m.app or m.vip) if self.witness is None else m.vip
             if n.powered and serves:
                 out.append(name)
         return out
@@ -335,6 +357,9 @@ class SimCluster(SimClock):
                 case PermitAlone(generation=generation):
                     assert m.replica is not None
                     m.replica.permitted = max(m.replica.permitted, generation)
+                case FenceAt(deadline=deadline):
+                    assert m.replica is not None
+                    m.replica.fence_at = deadline
                 case RunScript(script=script):
                     key = (node.name, module, script)
                     took = self.script_seconds.get(key, self.default_script_seconds)
@@ -356,7 +381,11 @@ class SimCluster(SimClock):
         """Feed the replication processes' reports to their machines, in order."""
         while self.reports:
             to, name, report = self.reports.pop(0)
-            if to.powered:
+            if to.paused:
+                to.backlog.append(
+                    lambda to=to, name=name, report=report: self._step(to, name, report)
+                )
+            elif to.powered:
                 self._step(to, name, report)
 
     # -------------------------------------------------------------- replication
@@ -372,6 +401,7 @@ class SimCluster(SimClock):
         rep.resync_done_at = None
         rep.role = action.role
         rep.permitted = 0
+        rep.fence_at = 0.0
         if action.role == ReplicaRole.PRIMARY:
             generation = max(rep.record.generation, action.peer_generation) + 1
             rep.record = DataRecord(DataState.UPTODATE, generation, ran_alone=True)
@@ -410,6 +440,11 @@ class SimCluster(SimClock):
                 self._report(node, module, "process restarted")
             if not node.powered or rep.role != ReplicaRole.PRIMARY:
                 continue
+            if rep.fence_at and self.now > rep.fence_at:  # the watchdog: no word from the agent
+                rep.fence_at = 0.0
+                node.modules[module].vip = False
+                self.log(f"{node.name} {module}: replica removes the VIPs (watchdog)")
+                self.reports.append((node, module, ReplicaFenced("watchdog: VIPs removed")))
             peer = self.nodes[node.peer]
             prep = peer.modules[module].replica
             assert prep is not None
@@ -456,9 +491,9 @@ class SimCluster(SimClock):
             m = node.modules[module]
             rep = m.replica
             assert rep is not None
-            serving = m.machine.state in (State.PRIM, State.ALONE)
+            serving = m.machine.state in (State.PRIM, State.ALONE) and m.vip
             if not (node.powered and serving and rep.acknowledges()):
-                continue  # not primary, or the change is held: not acknowledged
+                continue  # not primary, no client reaches it, or the change is held
             self.writes += 1
             rep.data.add(self.writes)
             if rep.in_sync:
@@ -479,7 +514,7 @@ class SimCluster(SimClock):
             self._replicate(module)
             self._deliver_reports()
         for node in self.nodes.values():
-            if not node.powered:
+            if not node.powered or node.paused:
                 continue
             for name, m in node.modules.items():
                 if m.script and m.script[1] <= self.now:
@@ -534,7 +569,12 @@ class SimCluster(SimClock):
         for _, name, inc, module, ev in answers:
             node = self.nodes[name]
             if node.powered and node.incarnation == inc and name not in self.witness_cut:
-                self._step(node, module, ev)
+                if node.paused:
+                    node.backlog.append(
+                        lambda node=node, module=module, ev=ev: self._step(node, module, ev)
+                    )
+                else:
+                    self._step(node, module, ev)
 
     def _heard_since_heal(self, node: SimNode) -> bool:
         assert node.tracker is not None
@@ -550,6 +590,15 @@ class SimCluster(SimClock):
     def _deliver(self, src: NodeId, dst: NodeId, inc: int, body: dict[str, object]) -> None:
         s, d = self.nodes[src], self.nodes[dst]
         if not (s.powered and d.powered) or src in self.cut_nodes or dst in self.cut_nodes:
+            return
+        if d.paused:  # kept in its socket until it runs again
+            d.backlog.append(lambda: self._deliver_now(src, dst, inc, body))
+            return
+        self._deliver_now(src, dst, inc, body)
+
+    def _deliver_now(self, src: NodeId, dst: NodeId, inc: int, body: dict[str, object]) -> None:
+        d = self.nodes[dst]
+        if not d.powered:
             return
         assert d.tracker is not None
         d.tracker.heard(self.now, src, "lan", inc)

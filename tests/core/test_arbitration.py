@@ -75,7 +75,16 @@ def witness_partition_then_primary_dies_secondary_waits_for_it(c: SimCluster) ->
     c.run(8)
 
 
+def witness_primary_agent_paused_then_resumed(c: SimCluster) -> None:
+    started(c)
+    c.pause("n1")  # longer than the heartbeat timeout and the lease
+    c.run(6)
+    c.resume("n1")
+    c.run(5)
+
+
 SCENARIOS = (
+    witness_primary_agent_paused_then_resumed,
     witness_partition_between_nodes_primary_keeps_its_role,
     witness_primary_isolated_fences_then_secondary_takes_over,
     witness_down_then_primary_dies_nobody_serves_until_it_returns,
@@ -129,6 +138,18 @@ def test_secondary_learns_the_ran_alone_record_and_does_not_take_over() -> None:
     assert "n1 announced generation" in n2 and "STARTING_PRIM" not in n2
 
 
+def test_a_paused_primary_loses_its_vip_to_the_watchdog_and_fences_when_it_resumes() -> None:
+    c = started(witnessed())
+    c.pause("n1")
+    c.run(6)
+    assert c.state("n2") == A  # took over after the lease ran out
+    assert "replica removes the VIPs (watchdog)" in c.transcript_of("n1")
+    c.resume("n1")
+    c.run(0.05)
+    assert "fencing" in c.transcript_of("n1")
+    c.run_until(lambda: c.states() == (S, P), limit=10)
+
+
 def test_operator_prim_in_wait_waits_for_the_lease() -> None:
     c = started(witnessed())
     c.cut("n1")
@@ -151,6 +172,8 @@ faults = st.one_of(
     st.tuples(st.just("heal"), st.none()),
     st.tuples(st.just("link"), st.booleans()),
     st.tuples(st.just("replica_dies"), nodes),
+    st.tuples(st.just("pause"), nodes),
+    st.tuples(st.just("resume"), nodes),
     st.tuples(st.just("cmd"), st.tuples(nodes, st.sampled_from([Verb.SWAP, Verb.STOPSTART]))),
     st.tuples(st.just("wait"), st.floats(0.0, 6.0)),
 )
@@ -173,6 +196,10 @@ def _apply(c: SimCluster, kind: str, arg: object) -> None:
         (c.break_replication if arg else c.repair_replication)()
     elif kind == "replica_dies" and c.nodes[str(arg)].powered:
         c.replica_dies(str(arg))
+    elif kind == "pause" and c.nodes[str(arg)].powered:
+        c.pause(str(arg))
+    elif kind == "resume" and c.nodes[str(arg)].paused:
+        c.resume(str(arg))
     elif kind == "cmd":
         node, verb = arg  # type: ignore[misc]
         if c.nodes[node].powered:
@@ -185,6 +212,7 @@ def _apply(c: SimCluster, kind: str, arg: object) -> None:
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @example(ops=[("cut", "n2"), ("wait", 5.0), ("poweroff", "n1"), ("wait", 6.0)])
 @example(ops=[("cut_witness", "n1"), ("cut", "n1"), ("wait", 6.0), ("heal", None)])
+@example(ops=[("pause", "n1"), ("wait", 6.0), ("resume", "n1"), ("wait", 2.0)])
 @given(ops=st.lists(faults, max_size=20))
 def test_random_faults_with_a_witness_never_two_serving_never_a_lost_write(
     ops: list[tuple[str, object]],
@@ -193,6 +221,9 @@ def test_random_faults_with_a_witness_never_two_serving_never_a_lost_write(
     for kind, arg in ops:
         _apply(c, kind, arg)
         c.run(0.05)
+    for n in ("n1", "n2"):
+        if c.nodes[n].paused:
+            c.resume(n)
     c.heal()
     c.repair_replication()
     c.set_witness_down(False)

@@ -85,6 +85,8 @@ def test_a_paused_primary_agent_does_not_serve_again_when_it_resumes(lab: Lab) -
     faults.pause(lab, prim)
     try:
         agents.wait_states(lab, MODULE, {second: "ALONE"}, timeout=20)
+        # the paused agent could not act, but its replication process's watchdog did
+        assert not vip_on(lab, prim), "the paused primary still holds the VIP"
         time.sleep(1.0)
         marks = log_marks(lab)
     finally:

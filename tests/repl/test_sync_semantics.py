@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -307,3 +308,24 @@ def test_a_change_the_secondary_did_not_get_waits_for_its_permit(pair: Pair) -> 
     pair.a.permit(int(alone["generation"]))
     assert done.wait(5.0) and not errors, errors
     assert (pair.a.data() / "held.txt").read_bytes() == b"x" * 10
+
+
+def test_the_secondary_refuses_a_primary_with_an_older_lease_term(pair: Pair) -> None:
+    """The fencing token: once a primary with term 5 connected, one with term 3 (an old
+    primary that lost its lease) cannot replicate into the secondary any more."""
+    pair.b.role("secondary")
+    pair.a.role("primary", term=5)
+    pair.a.wait_in_sync()
+    assert (pair.root / "b" / "state" / "m.term").read_text().strip() == "5"
+    pair.a.role("idle")
+    since = pair.a.mark()
+    pair.a.role("primary", term=3)
+    time.sleep(2.0)
+    synced = [e for e in pair.a.events[since:] if e.get("ev") == "record" and e.get("in_sync")]
+    assert not synced, "a primary with an older term got in sync"
+    log = (pair.root / "b.log").read_text()
+    assert "lease term 3 is older than term 5" in log
+    pair.a.role("idle")
+    since = pair.a.mark()
+    pair.a.role("primary", term=6)  # a newer term is accepted again
+    pair.a.wait_in_sync(since=since)

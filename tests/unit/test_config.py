@@ -197,6 +197,28 @@ CASES = {
         "(top level): nodes: a cluster needs at least two nodes",
         "[nodes.NAME] tables",
     ),
+    "renewal too slow for the lease": (
+        "cluster",
+        "[nodes.n1]",
+        '[arbitration]\nwitnesses = ["192.0.2.9:7430"]\nlease = "2s"\nrenew = "1.5s"\n\n[nodes.n1]',
+        "arbitration: renew + timeout (2 s) must be less than lease - margin (1.5 s)",
+        "lower renew or timeout, or raise lease",
+    ),
+    "witness without a port": (
+        "cluster",
+        "[nodes.n1]",
+        '[arbitration]\nwitnesses = ["192.0.2.9"]\n\n[nodes.n1]',
+        "arbitration: witnesses: '192.0.2.9' is not ADDRESS:PORT",
+        "(e.g. 192.0.2.9:7430)",
+    ),
+    "two kinds of arbiter": (
+        "cluster",
+        "[nodes.n1]",
+        '[arbitration]\nwitnesses = ["192.0.2.9:7430"]\netcd = ["http://192.0.2.9:2379"]\n\n'
+        "[nodes.n1]",
+        "arbitration: set witnesses or etcd, not both",
+        "one kind of arbiter per cluster",
+    ),
     "both key and key_file": (
         "cluster",
         'name = "c1"\n',
@@ -257,3 +279,13 @@ def test_a_missing_cluster_file_says_to_create_it(tmp_path: Path) -> None:
     assert caught.value.problems == [
         f"{tmp_path / 'nowhere.toml'}: file not found — create it (see docs/configuration.md)"
     ]
+
+
+def test_arbiters_are_named_as_the_machine_and_the_runner_expect(site: Site) -> None:
+    site.edit(
+        site.cluster, "[nodes.n1]", '[arbitration]\nwitnesses = ["192.0.2.9:7430"]\n\n[nodes.n1]'
+    )
+    assert load(site.cluster).cluster.arbitration.arbiters == ["192.0.2.9:7430"]
+    site.edit(site.cluster, 'witnesses = ["192.0.2.9:7430"]', 'etcd = ["http://192.0.2.9:2379"]')
+    arb = load(site.cluster).cluster.arbitration
+    assert arb.arbiters == ["etcd"] and arb.lease == 3.0

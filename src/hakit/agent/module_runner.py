@@ -31,6 +31,7 @@ from hakit.core.actions import (
     AnnounceVips,
     AskArbiters,
     DelVips,
+    FenceAt,
     PermitAlone,
     Persist,
     RunScript,
@@ -38,7 +39,14 @@ from hakit.core.actions import (
     StartCheckers,
     StopCheckers,
 )
-from hakit.core.events import ArbiterAnswered, Event, ReplicaFailed, ReplicaReport, ScriptDone
+from hakit.core.events import (
+    ArbiterAnswered,
+    Event,
+    ReplicaFailed,
+    ReplicaFenced,
+    ReplicaReport,
+    ScriptDone,
+)
 from hakit.core.freshness import DataRecord, DataState
 from hakit.core.mirror import Durable, MirrorMachine, MirrorSettings, Status
 from hakit.core.payload import Ack
@@ -114,6 +122,7 @@ class ModuleRunner(RunnerBase):
                 log_fd=self.log_fd,
                 on_report=self._replica_report,
                 on_failed=self._replica_failed,
+                on_fenced=self._replica_fenced,
             )
 
     # ------------------------------------------------------------------ lifecycle
@@ -136,7 +145,12 @@ class ModuleRunner(RunnerBase):
 
     # ------------------------------------------------------------------ events
     def _machine_step(self, now: float, event: Event) -> list[Action]:
-        return self.machine.step(now, event)
+        """Step the machine; ``FenceAt`` goes to the replicator at once (out of the queue)."""
+        actions = self.machine.step(now, event)
+        for action in actions:
+            if isinstance(action, FenceAt) and self.replica is not None:
+                self.replica.fence_at(action.deadline)
+        return [a for a in actions if not isinstance(a, FenceAt)]
 
     def _machine_status(self) -> Status:
         return self.machine.status()
@@ -208,7 +222,7 @@ class ModuleRunner(RunnerBase):
             f"replication: role {role}" + (" (full resync forced)" if action.force_full else "")
         )
         error = await self.replica.set_role(
-            role, action.force_full, action.peer_generation, action.outdated
+            role, action.force_full, action.peer_generation, action.outdated, action.term
         )
         if error is not None:
             self.vip_failure = f"replication ({role}): {error}"
@@ -260,6 +274,13 @@ class ModuleRunner(RunnerBase):
             self.step(ReplicaReport(record, bool(msg.get("in_sync")), str(msg.get("detail", ""))))
         except Exception:
             log.exception("module %s: BUG stepping a replica report; please report it", self.name)
+
+    def _replica_fenced(self, detail: str) -> None:
+        self.note(f"replication process removed the VIPs: {detail}", error=True)
+        try:
+            self.step(ReplicaFenced(detail))
+        except Exception:
+            log.exception("module %s: BUG stepping ReplicaFenced; please report it", self.name)
 
     def _replica_failed(self, detail: str) -> None:
         self.note(f"replication process failed: {detail}", error=True)

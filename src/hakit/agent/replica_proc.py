@@ -45,6 +45,7 @@ class ReplicaProcess:
         log_fd: int,
         on_report: Callable[[dict[str, Any]], None],
         on_failed: Callable[[str], None],
+        on_fenced: Callable[[str], None] = lambda _: None,
         hang_timeout: float = 10.0,
         role_timeout: float = 120.0,
     ) -> None:
@@ -54,6 +55,7 @@ class ReplicaProcess:
         self.log_fd = log_fd
         self.on_report = on_report
         self.on_failed = on_failed
+        self.on_fenced = on_fenced
         self.hang_timeout = hang_timeout
         self.role_timeout = role_timeout
         self.proc: asyncio.subprocess.Process | None = None
@@ -100,7 +102,12 @@ class ReplicaProcess:
         return self.proc
 
     async def set_role(
-        self, role: str, force_full: bool, peer_generation: int, outdated: bool = False
+        self,
+        role: str,
+        force_full: bool,
+        peer_generation: int,
+        outdated: bool = False,
+        term: int = 0,
     ) -> str | None:
         """Change role; None when done, else the reason it failed."""
         if (
@@ -118,6 +125,7 @@ class ReplicaProcess:
                 "role": role,
                 "force_full": force_full,
                 "peer_generation": peer_generation,
+                "term": term,
                 "outdated": outdated,
             },
             self.role_timeout,
@@ -128,6 +136,17 @@ class ReplicaProcess:
             return str(reply.get("error") or "replicator failed")
         self.role = role
         return None
+
+    def fence_at(self, deadline: float) -> None:
+        """Set the primary replicator's watchdog (``FenceAt``) at once: written without
+        waiting, so that it never queues behind a slow action."""
+        proc = self.proc
+        if proc is None or proc.returncode is not None or proc.stdin is None:
+            return
+        try:
+            proc.stdin.write((json.dumps({"cmd": "fence_at", "t": deadline}) + "\n").encode())
+        except (ConnectionError, BrokenPipeError) as exc:
+            log.warning("module %s: watchdog deadline not sent: %s", self.module, exc)
 
     async def permit(self, generation: int) -> None:
         """Tell the primary's replicator it may acknowledge unreplicated changes up to
@@ -189,6 +208,8 @@ class ReplicaProcess:
                     fut.set_result(msg)
             elif ev == "record":
                 self.on_report(msg)
+            elif ev == "fenced":
+                self.on_fenced(str(msg.get("detail", "")))
         code = await proc.wait()
         for fut in self._waiting.values():
             if not fut.done():

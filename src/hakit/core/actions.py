@@ -91,6 +91,7 @@ class SetReplication:
     role: ReplicaRole
     force_full: bool = False
     peer_generation: int = 0  # highest generation the peer announced (primary only)
+    term: int = 0  # primary: the arbiters' lease term, the fencing token (0: no arbiter)
     outdated: bool = False
 
 
@@ -151,6 +152,15 @@ class PermitAlone:
     generation: int
 
 
+@dataclass(frozen=True)
+class FenceAt:
+    """The primary's replication process removes the module's VIPs by itself at ``deadline``
+    (the clock of ``now``; 0: never) unless a later one arrives: a watchdog that does not
+    depend on this agent running. The driver sends it at once, not after queued actions."""
+
+    deadline: float
+
+
 Action = (
     Transitioned
     | Persist
@@ -163,4 +173,5 @@ Action = (
     | SetReplication
     | AskArbiters
     | PermitAlone
+    | FenceAt
 )

@@ -81,6 +81,11 @@ class Arbitration:
         """A majority of the arbiters' leases are valid (always False when disabled)."""
         return self.enabled and majority(self.holdings.values(), now)
 
+    def valid_until(self) -> float:
+        """When the majority's lease ends on this node's clock (-inf: not held)."""
+        deadlines = sorted((h.deadline for h in self.holdings.values()), reverse=True)
+        return deadlines[len(deadlines) // 2] if deadlines else float("-inf")
+
     def holds_any(self, now: float) -> bool:
         return any(h.valid(now) for h in self.holdings.values())
 

@@ -142,6 +142,15 @@ class ReplicaFailed:
 
 
 @dataclass(frozen=True)
+class ReplicaFenced:
+    """The primary's replication process removed the module's VIPs by itself: the deadline
+    of :class:`hakit.core.actions.FenceAt` passed without a later one (the agent was paused or
+    stuck). The node must not serve any more without a new start."""
+
+    detail: str
+
+
+@dataclass(frozen=True)
 class ArbiterAnswered:
     """An arbiter (witness, etcd) answered a request the machine asked for
     (:class:`hakit.core.actions.AskArbiters`). ``sent_at``: when the request was sent, on the
@@ -162,4 +171,5 @@ Event = (
     | ReplicaReport
     | ReplicaFailed
     | ArbiterAnswered
+    | ReplicaFenced
 )

@@ -49,13 +49,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from hakit.core import freshness, mirror_commands
+from hakit.core import freshness, mirror_arbitration, mirror_commands
 from hakit.core.actions import (
     Action,
     AddVips,
     AnnounceVips,
     DelVips,
-    PermitAlone,
     Persist,
     ReplicaRole,
     RunScript,
@@ -75,6 +74,7 @@ from hakit.core.events import (
     PeerLost,
     PeerModuleStatus,
     ReplicaFailed,
+    ReplicaFenced,
     ReplicaReport,
     ScriptDone,
     Tick,
@@ -196,6 +196,8 @@ class MirrorMachine:
         self.lease_wanted = False  # a move towards the primary role waits for the lease
         self.fenced = False  # VIPs removed because the lease ran out (until STARTING_PRIM)
         self.permitted = 0  # ran-alone generation permitted to the replication process
+        self.fence_sent = 0.0  # the replication process's watchdog deadline (FenceAt)
+        self.replica_fenced = ""  # the watchdog removed the VIPs: stop serving (why)
 
     # ------------------------------------------------------------------ public
     def status(self) -> Status:
@@ -259,6 +261,10 @@ class MirrorMachine:
                 self._replica_report(event)
             case ReplicaFailed():
                 self._replica_failed(now, event, actions)
+            case ReplicaFenced(detail=detail):
+                if self.claims_primary:
+                    self.replica_fenced = detail or "the replication process removed the VIPs"
+                    self.fenced = True
             case ArbiterAnswered():
                 seen = self.peer_generation_seen
                 if self.arb.answered(event) and self.settings.replicated:
@@ -392,6 +398,7 @@ class MirrorMachine:
         # before any start_prim
         self.replica_role = ReplicaRole.IDLE
         self.permitted = 0  # the restarted process has permitted nothing yet
+        self.fence_sent = 0.0
         if self.state in (State.PRIM, State.ALONE):
             self._checker_failed(now, CheckerAction.FAILOVER, what, actions)
         elif self.state == State.STARTING_PRIM:
@@ -403,10 +410,13 @@ class MirrorMachine:
         """Emit ``SetReplication``; the record it will write is known already (action doc)."""
         if role == ReplicaRole.PRIMARY:
             seen = self.peer_generation_seen
-            action = SetReplication(role, force_full=self.force, peer_generation=seen)
+            action = SetReplication(
+                role, force_full=self.force, peer_generation=seen, term=self.arb.term()
+            )
             generation = max(self.data.generation, seen) + 1
             self.data = DataRecord(DataState.UPTODATE, generation, ran_alone=True)
             self.permitted = 0
+            self.fence_sent = 0.0
         else:
             action = SetReplication(role, outdated=self.mark_outdated)
             if self.mark_outdated:
@@ -466,7 +476,7 @@ class MirrorMachine:
                 self.reason = f"{why}; {blocked}"
                 break
             self._move(now, trigger, why, actions)
-        self._arbitrate(now, actions)
+        mirror_arbitration.arbitrate(self, now, actions)
 
     def _lease_gate(self, now: float, trigger: Trigger) -> str | None:
         """Why a move towards the primary role must wait for the arbiters (None: go)."""
@@ -475,51 +485,6 @@ class MirrorMachine:
         if not towards or self.claims_primary:
             return None
         return self.arb.refusal(now)
-
-    def _arbitrate(self, now: float, actions: list[Action]) -> None:
-        """Fence, ask or release the lease, and permit writes made alone; inserted before the
-        ``RunScript`` of the list, if any (contract of :mod:`hakit.core.actions`)."""
-        extra: list[Action] = []
-        arb = self.arb
-        primary_role = self.replica_role == ReplicaRole.PRIMARY
-        if arb.enabled:
-            lapsed = self.claims_primary and self._must_fence(now) is not None
-            if lapsed and not self.fenced:  # the lease ran out alone: clients must not reach us
-                self.fenced = True
-                extra.append(DelVips())
-            alone = self.data.generation if primary_role and self.data.ran_alone else 0
-            synced = self.state == State.PRIM and self.in_sync
-            ask = arb.ask(now, self.claims_primary or self.lease_wanted, alone, synced)
-            if ask is not None:
-                extra.append(ask)
-        if self.settings.replicated and primary_role:
-            generation, peer = self.data.generation, self.peer
-            # no arbiter: a lost peer cannot be asked, the node goes on alone
-            elsewhere = arb.recorded() >= generation if arb.enabled else peer is None
-            known = elsewhere or (peer is not None and self._peer_is_current(peer))
-            if known and generation > self.permitted:
-                self.permitted = generation
-                extra.append(PermitAlone(generation))
-        at = next((i for i, a in enumerate(actions) if isinstance(a, RunScript)), len(actions))
-        actions[at:at] = extra
-
-    def _must_fence(self, now: float) -> str | None:
-        """Why this node, claiming the primary role without a valid lease, must stop serving
-        (None: it may go on). Its peer could take over: the peer is lost, claims the role, or
-        has been silent for longer than ``silence`` (a cut seen later here than there: the
-        peer takes over only after a whole heartbeat timeout of silence)."""
-        refusal = self.arb.refusal(now)
-        peer = self.peer
-        if refusal is None:
-            return None
-        if peer is None:
-            return f"{self.settings.peer} lost and {refusal}"
-        if peer.claims_primary:
-            return f"{peer.node} is {peer.state} and {refusal}"
-        silent = now - self.peer_heard_at
-        if silent > self.settings.arbitration.silence:
-            return f"{peer.node} silent for {silent:.1f} s and {refusal}"
-        return None
 
     def _decide(self, now: float) -> tuple[Trigger, str] | None:
         match self.state:
@@ -625,7 +590,9 @@ class MirrorMachine:
 
     def _decide_primary(self, now: float) -> tuple[Trigger, str] | None:
         peer, s = self.peer, self.settings
-        fence = self._must_fence(now)
+        fence = mirror_arbitration.must_fence(self, now)
+        if self.replica_fenced:
+            fence, self.replica_fenced = self.replica_fenced, ""
         if fence is not None:
             return Trigger.FENCED, f"{fence}: fencing (VIPs off, stopping)"
         if peer is None:
@@ -751,6 +718,7 @@ class MirrorMachine:
         # entry actions
         if new == State.STARTING_PRIM:
             self.fenced = False
+            self.replica_fenced = ""
         if new == State.STARTING_PRIM and old != State.STOPPING_PRIM:
             self.epoch = max(self.epoch, self.peer.epoch if self.peer else 0) + 1
             self.primary_epoch = self.epoch

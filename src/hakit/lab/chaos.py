@@ -462,7 +462,7 @@ def print_report(report: Report, out: Any = sys.stdout) -> None:
 
     console = Console(file=out, highlight=False)
     table = Table(title=f"chaos run, seed {report.seed}: {len(report.faults)} faults")
-    for col in ("kind", "faults", "outage median [min–max] s"):
+    for col in ("kind", "faults", "outage median \\[min–max] s"):
         table.add_column(col)
     for kind, k in report.by_kind().items():
         table.add_row(

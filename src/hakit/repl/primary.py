@@ -73,6 +73,7 @@ class PrimarySettings:
     checkpoint_interval: float = 2.0  # SYNCFS on the secondary this often (crash window)
     retry_interval: float = 0.25  # reconnection attempts while ALONE (refused at once if down)
     hold_timeout: float = 10.0  # an unreplicated change waits this long for its permit, then EIO
+    term: int = 0  # the arbiters' lease term (fencing token) shown to the secondary at HELLO
 
 
 @dataclass
@@ -359,17 +360,25 @@ class PrimaryReplicator:
     def _connect_loop(self) -> None:
         from hakit.repl.resync import Resync, ResyncError  # noqa: PLC0415  (import cycle)
 
-        failures = 0
+        failures = refusals = 0
         while not self._stop.is_set():
             if self.mode != Mode.ALONE:
                 self._stop.wait(0.2)
                 continue
             try:
                 link, peer = self._connect()
-            except (OSError, ssl.SSLError, ReplicaLost, p.ProtocolError, ValueError) as exc:
+            except ValueError as exc:  # the secondary refused us (version, term, …)
+                refusals += 1
+                if refusals == 1:
+                    log.error("%s; trying again, less and less often", exc)
+                self.detail = str(exc)
+                self._stop.wait(min(30.0, self.s.retry_interval * 2 ** min(refusals - 1, 7)))
+                continue
+            except (OSError, ssl.SSLError, ReplicaLost, p.ProtocolError) as exc:
                 self.detail = f"secondary {self.s.peer_host}:{self.s.port} unreachable: {exc}"
                 self._stop.wait(self.s.retry_interval)
                 continue
+            refusals = 0
             full = (
                 self.journal.full
                 or self.peer_unclean
@@ -413,6 +422,7 @@ class PrimaryReplicator:
             "node": self.s.node,
             "generation": self.record.generation,
             "roots": len(self.roots),
+            "term": self.s.term,
         }
         reply = link.call(p.Request(p.Op.HELLO, data=p.encode_json(hello)))
         if reply.err:

@@ -3,12 +3,15 @@
 The agent starts it and talks to it over its stdin/stdout, one JSON object per line:
 
 - agent → replicator: ``{"cmd": "role", "id": N, "role": "primary"|"secondary"|"idle",
-  "force_full": bool, "peer_generation": int, "outdated": bool}``, ``{"cmd": "ping", "id": N}``,
+  "force_full": bool, "peer_generation": int, "outdated": bool, "term": int}``,
+  ``{"cmd": "ping", "id": N}``,
   ``{"cmd": "permit", "generation": G}`` (primary: unreplicated changes of generations up to G
-  may be acknowledged; no answer);
+  may be acknowledged; no answer), ``{"cmd": "fence_at", "t": T}`` (primary: the watchdog —
+  remove the module's VIPs once CLOCK_MONOTONIC passes T unless a later T comes; 0: never);
 - replicator → agent: ``{"ev": "done", "id": N, "ok": bool, "error": str}`` when a role
   change is complete (file systems mounted, listener up, or everything released),
-  ``{"ev": "pong", "id": N}``, ``{"ev": "record", …}`` (data record, mode, progress).
+  ``{"ev": "pong", "id": N}``, ``{"ev": "record", …}`` (data record, mode, progress),
+  ``{"ev": "fenced", "detail": …}`` (the watchdog removed the VIPs).
 
 Logs go to stderr (the agent appends them to the module log). Role changes run one at a time
 in a worker thread; pings are answered by the reader, so a slow unmount does not look like a
@@ -41,6 +44,7 @@ from hakit.repl.server import ReplicaServer
 from hakit.repl.tracker import DirtyJournal
 from hakit.repl.tree import Exclusions
 from hakit.system.durable import write_atomic
+from hakit.system.run import run
 
 log = logging.getLogger("hakit.repl")
 
@@ -58,6 +62,8 @@ class Replicator:
         state_dir = config.cluster.state_dir
         self.record_file = records.record_path(state_dir, module)
         self.journal_dir = state_dir / f"{module}.dirty"
+        # secondary: the highest lease term (fencing token) a primary presented, durable
+        self.term_file = state_dir / f"{module}.term"
         self.recovery_dir = state_dir / "recovery" / module
         # present while this node is primary: found at start, the last primary role crashed
         self.unclean_marker = state_dir / f"{module}.primary-active"
@@ -78,6 +84,7 @@ class Replicator:
         # highest generation the agent permitted: known to the peer or the arbiters, which
         # stays true, so it carries over to the next primary role of this process
         self.permitted = 0
+        self.fence_deadline = 0.0  # FenceAt of the agent (0: none)
         self.server: ReplicaServer | None = None
         self.applier: Applier | None = None
         self.mount_threads: list[threading.Thread] = []
@@ -97,8 +104,15 @@ class Replicator:
 
     # ------------------------------------------------------------------ roles
     def set_role(
-        self, role: str, force_full: bool, peer_generation: int, outdated: bool = False
+        self,
+        role: str,
+        force_full: bool,
+        peer_generation: int,
+        outdated: bool = False,
+        term: int = 0,
     ) -> None:
+        if role != "primary":  # (a primary's deadline came with the step that made it one)
+            self.fence_deadline = 0.0
         if outdated:
             # this node ran alone and yielded to a peer whose copy is kept: its own changes
             # are to be discarded by the next resync, it must never lead with them — but
@@ -124,7 +138,7 @@ class Replicator:
             return
         self._release()
         if role == "primary":
-            self._become_primary(force_full, peer_generation)
+            self._become_primary(force_full, peer_generation, term)
         elif role == "secondary":
             self._become_secondary()
         self.role = role
@@ -162,6 +176,39 @@ class Replicator:
             Path(path).mkdir(parents=True, exist_ok=True)
             self.fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
 
+    def watchdog(self) -> None:
+        """Thread: once the agent's FenceAt deadline has passed without a later one while
+        this node is primary (the agent is paused or stuck), remove the module's VIPs and
+        say so. The agent's machine then fences itself too (ReplicaFenced)."""
+        while True:
+            time.sleep(0.02)
+            deadline = self.fence_deadline
+            if not deadline or self.primary is None or time.monotonic() <= deadline:
+                continue
+            self.fence_deadline = 0.0
+            late = time.monotonic() - deadline
+            removed = []
+            for vip in self.module.config.vips:
+                argv = ["ip", "addr", "del", vip.address, "dev", vip.interface]
+                if run(argv, timeout=5, check=False).ok:
+                    removed.append(vip.address)
+            detail = (
+                f"no word from the agent {late:.2f} s past its deadline: VIPs removed "
+                f"({', '.join(removed) or 'none were on'})"
+            )
+            log.error("watchdog: %s", detail)
+            self.emit({"ev": "fenced", "detail": detail})
+
+    def highest_term(self) -> int:
+        try:
+            return int(self.term_file.read_text().strip() or 0)
+        except FileNotFoundError:
+            return 0
+        except ValueError as exc:
+            raise ValueError(
+                f"{self.term_file} is damaged ({exc}): refusing every primary"
+            ) from None
+
     def permit(self, generation: int) -> None:
         """The agent's PermitAlone (reader thread): remembered, and passed to the primary."""
         self.permitted = max(self.permitted, generation)
@@ -169,7 +216,7 @@ class Replicator:
         if prim is not None:
             prim.permit(self.permitted)
 
-    def _become_primary(self, force_full: bool, peer_generation: int) -> None:
+    def _become_primary(self, force_full: bool, peer_generation: int, term: int) -> None:
         from hakit.repl.fusefs import mount  # noqa: PLC0415  (loads libfuse only when needed)
 
         self._open_roots()
@@ -185,6 +232,7 @@ class Replicator:
             streams=rc.streams,
             block_size=rc.block_size,
             bandwidth=rc.bandwidth * 1e6 if rc.bandwidth else None,
+            term=term,
         )
         journal = DirtyJournal(self.journal_dir)
         prim = PrimaryReplicator(
@@ -276,6 +324,18 @@ class _SecondaryHandlers:
                 f"the primary replicates {obj.get('roots')} directories, this node "
                 f"{len(self.rep.paths)}: make [[replicate]] the same on both nodes"
             )
+        term = obj.get("term", 0)
+        if not isinstance(term, int) or isinstance(term, bool) or term < 0:
+            raise ValueError(f"bad fencing term {term!r}")
+        seen = self.rep.highest_term()
+        if term < seen:
+            raise ValueError(
+                f"fencing: the primary's lease term {term} is older than term {seen} already "
+                f"seen here: a newer primary exists (if arbitration was removed from the "
+                f"cluster on purpose, delete {self.rep.term_file})"
+            )
+        if term > seen:
+            write_atomic(self.rep.term_file, f"{term}\n")  # durable before we accept
         rec = records.load(self.rep.record_file)
         return {
             "node": self.rep.node,
@@ -338,6 +398,7 @@ def main(argv: list[str] | None = None) -> int:
                     bool(cmd.get("force_full", False)),
                     int(cmd.get("peer_generation", 0)),
                     bool(cmd.get("outdated", False)),
+                    int(cmd.get("term", 0)),
                 )
                 rep.emit({"ev": "done", "id": cmd.get("id"), "ok": True, "error": ""})
             except Exception as exc:  # report every failure to the agent, keep serving
@@ -346,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t = threading.Thread(target=worker, name="roles", daemon=True)
     t.start()
+    threading.Thread(target=rep.watchdog, name="watchdog", daemon=True).start()
     for line in sys.stdin:
         try:
             cmd = json.loads(line)
@@ -358,6 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             work.put(cmd)  # on the role worker: never during a role change
         elif cmd.get("cmd") == "permit" and isinstance(cmd.get("generation"), int):
             rep.permit(cmd["generation"])
+        elif cmd.get("cmd") == "fence_at" and isinstance(cmd.get("t"), int | float):
+            rep.fence_deadline = float(cmd["t"])
         elif cmd.get("cmd") == "ping":
             rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
         elif cmd.get("cmd") == "role":

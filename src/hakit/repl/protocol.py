@@ -74,7 +74,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-PROTOCOL_VERSION = 2  # 2: META carries the xattr set, RENAME may exchange
+PROTOCOL_VERSION = 3  # 2: META carries the xattr set, RENAME may exchange; 3: HELLO term
 KEEP = -1  # "leave this field as it is" (owner, times)
 
 # seq, op, flags, root, len(path), len(path2), len(data), a, b, c, d
