@@ -71,21 +71,24 @@ def wait_states(lab: Lab, module: str, expected: States, timeout: float = 30.0) 
 
 
 def wait_pair(lab: Lab, module: str, timeout: float = 30.0) -> tuple[str, str]:
-    """Wait until one node is PRIM and another SECOND; return (primary, secondary)."""
+    """Wait until one node is PRIM and another SECOND; return (primary, secondary), as seen
+    by the same look that found the pair (states may move on right after)."""
+    found: list[tuple[str, str]] = []
 
-    def pair() -> tuple[str, str] | None:
+    def pair() -> bool:
         now = module_states(lab, module)
         prim = [n for n, s in now.items() if s == "PRIM"]
         second = [n for n, s in now.items() if s == "SECOND"]
-        return (prim[0], second[0]) if len(prim) == 1 and len(second) == 1 else None
+        if len(prim) == 1 and len(second) == 1:
+            found.append((prim[0], second[0]))
+            return True
+        return False
 
     try:
-        wait_for(f"{module} to be PRIM + SECOND", lambda: pair() is not None, timeout)
+        wait_for(f"{module} to be PRIM + SECOND", pair, timeout)
     except LabError as exc:
         raise LabError(f"{exc}; now {module_states(lab, module)}") from None
-    result = pair()
-    assert result is not None
-    return result
+    return found[-1]
 
 
 def farm_buckets(lab: Lab, module: str) -> dict[str, int]:
