@@ -262,6 +262,9 @@ def state_table(node: str, modules: dict[str, Any], peers: dict[str, Any]) -> Ta
         peer = m.get("peer") or ""
         alive = peers.get(peer, {}).get("alive")
         peer_text = f"{peer} {m.get('peer_state') or ('lost' if alive is False else '?')}"
+        arb = m.get("arbitration")
+        if arb:
+            peer_text += f"\nlease (term {arb['term']})" if arb["lease"] else "\nno lease"
         since = time.strftime("%H:%M:%S", time.localtime(m["since"])) if m.get("since") else ""
         table.add_row(
             name,

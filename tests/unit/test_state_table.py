@@ -51,3 +51,20 @@ def test_the_table_renders_farm_and_mirror_rows_together() -> None:
 
     text = out.getvalue()
     assert "UP 86/256" in text and "PRIM" in text and "members n1:86" in text
+
+
+def test_a_mirror_row_shows_whether_the_node_holds_the_arbiters_lease() -> None:
+    mirror = {
+        "state": "PRIM",
+        "colour": "green",
+        "reason": "n2 is SECOND",
+        "since": 0,
+        "peer": "n2",
+        "peer_state": "SECOND",
+        "arbitration": {"lease": True, "term": 6, "valid_for": 2.1, "arbiters": {}},
+    }
+    waiting = {**mirror, "state": "WAIT", "arbitration": {"lease": False, "term": 0}}
+    out = io.StringIO()
+    Console(file=out, width=200).print(state_table("n1", {"a": mirror, "b": waiting}, {}))
+    text = out.getvalue()
+    assert "lease (term 6)" in text and "no lease" in text

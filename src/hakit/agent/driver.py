@@ -335,6 +335,15 @@ class Agent:
                 "peer_state": peer_status.state.value if peer_status else None,
                 "vips": [v.address for v in r.module.config.vips],
             }
+            arb = r.machine.arb
+            if arb.enabled:
+                now = self.clock()
+                modules[name]["arbitration"] = {
+                    "lease": arb.valid(now),
+                    "term": arb.term(),
+                    "valid_for": max(0.0, round(arb.valid_until() - now, 3)),
+                    "arbiters": dict(r.arbiter_view),
+                }
             if r.module.replicated:
                 modules[name]["replication"] = {
                     "data": str(st.data),
