@@ -120,15 +120,17 @@ class ArbitrationConfig(_Strict):
         for url in self.etcd:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(f"etcd: {url!r} must be an http:// or https:// client URL")
-        if not 0.1 <= self.margin < self.lease:
+        if not 0.2 <= self.margin < self.lease:
             raise ValueError(
-                f"margin ({self.margin:g} s) must be at least 0.1 s and less than lease"
+                f"margin ({self.margin:g} s) must be at least 0.2 s and less than lease"
             )
-        if self.renew + self.timeout >= self.lease - self.margin:
+        # a renewal, its answer lost (timeout), then the retry (every min(0.25 s, renew))
+        worst = self.renew + self.timeout + min(0.25, self.renew)
+        if worst >= self.lease - self.margin:
             raise ValueError(
-                f"renew + timeout ({self.renew + self.timeout:g} s) must be less than "
-                f"lease - margin ({self.lease - self.margin:g} s), or one lost renewal fences "
-                "a healthy primary: lower renew or timeout, or raise lease"
+                f"renew + timeout + retry ({worst:g} s) must be less than lease - margin "
+                f"({self.lease - self.margin:g} s), or one lost renewal fences a healthy "
+                "primary: lower renew or timeout, or raise lease"
             )
         return self
 

@@ -342,6 +342,7 @@ class SimCluster(SimClock):
                         action.epoch,
                         action.primary_epoch,
                         action.peer_generation_seen,
+                        action.lease,
                     )
                 case SetReplication():
                     self._set_replication(node, module, action)

@@ -151,9 +151,11 @@ def test_ran_alone_records_are_kept_for_every_later_holder_and_cleared_only_by_t
     refused = t.acquire(3.5, "db", N2, alone=9)
     assert not refused.granted and refused.alone_of(N1) == 7 and refused.alone_of(N2) == 0
     assert t.acquire(4.0, "db", N1, alone=6).alone_of(N1) == 7  # never lowered
-    later = t.acquire(8.0, "db", N2, synced=True)  # n1 expired: n2 learns n1's record
+    later = t.acquire(8.0, "db", N2, synced=9)  # n1 expired: n2 learns n1's record
     assert later.granted and later.alone == ((N1, 7),)  # and cannot clear it
     restarted = LeaseTable(D, 100.0, t.high_term, t.last, {"db": {N1: 7}})
     assert restarted.state()["alone"] == {"db": {"n1": 7}}
     assert restarted.acquire(104.0, "db", N1).alone_of(N1) == 7  # a bare acquire keeps it
-    assert restarted.acquire(104.5, "db", N1, synced=True).alone == ()  # its node clears it
+    stale = restarted.acquire(104.2, "db", N1, synced=6)  # a late request from before 7
+    assert stale.alone_of(N1) == 7
+    assert restarted.acquire(104.5, "db", N1, synced=7).alone == ()  # in sync at 7: cleared

@@ -25,6 +25,7 @@ import pytest
 
 from hakit.core.lease import Answer
 from hakit.net.etcd_arbiter import EtcdArbiter
+from hakit.system import clock as boottime
 
 CLUSTER = "c1"
 D = 2.0  # lease duration: etcd's minimum TTL with its default timing
@@ -110,7 +111,7 @@ async def ask(a: EtcdArbiter, op: str = "acquire", term: int = 0, **kw: Any) -> 
     got = await a.request(op, term, **kw)
     assert got is not None, f"no answer from {a.name}"
     sent_at, answer = got
-    assert sent_at <= time.monotonic()
+    assert sent_at <= boottime.now()
     return answer
 
 
@@ -196,7 +197,7 @@ def test_ran_alone_records(etcd: Etcd) -> None:
         await ask(n2, "release", held.term)
         first = await ask(n1, alone=5)
         assert first.granted and first.alone == (("n1", 5),)
-        seen = await ask(n2, alone=7, synced=True)  # refused: neither records nor clears
+        seen = await ask(n2, alone=7, synced=9)  # refused: neither records nor clears
         assert not seen.granted and seen.alone == (("n1", 5),)
         bare = await ask(n1, term=first.term)  # a bare acquire never clears
         assert bare.granted and bare.alone == (("n1", 5),)
@@ -206,12 +207,14 @@ def test_ran_alone_records(etcd: Etcd) -> None:
         assert newer.alone == (("n1", 6),)
         released = await ask(n1, "release", first.term)  # a release keeps the record
         assert released.alone == (("n1", 6),)
-        grant = await ask(n2, synced=True)  # n2's synced does not clear n1's record
+        grant = await ask(n2, synced=9)  # n2's synced does not clear n1's record
         assert grant.granted and grant.alone == (("n1", 6),)
         both = await ask(n2, term=grant.term, alone=2)
         assert both.alone == (("n1", 6), ("n2", 2))
         await ask(n2, "release", grant.term)
-        back = await ask(n1, synced=True)  # n1 in sync: its own record goes
+        late = await ask(n1, synced=5)  # a late request from before generation 6: kept
+        assert late.granted and late.alone == (("n1", 6), ("n2", 2))
+        back = await ask(n1, term=late.term, synced=6)  # n1 in sync at 6: its record goes
         assert back.granted and back.alone == (("n2", 2),)
 
     asyncio.run(scenario())
@@ -270,7 +273,7 @@ def test_adoption_after_an_agent_restart(etcd: Etcd) -> None:
             assert (await ask(restarted, term=first.term)).term == first.term
             assert not (await ask(n2)).granted
             await asyncio.sleep(0.4)
-        synced = await ask(restarted, term=first.term, synced=True)
+        synced = await ask(restarted, term=first.term, synced=4)
         assert synced.alone == ()
         assert (await ask(restarted, "release", first.term)).reason == "released"
         assert (await ask(n2)).granted

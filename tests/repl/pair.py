@@ -126,7 +126,7 @@ class Replicator:
         *,
         force_full: bool = False,
         outdated: bool = False,
-        term: int = 0,
+        terms: dict[str, int] | None = None,
         timeout: float = 30.0,
     ) -> None:
         self._ids += 1
@@ -136,7 +136,7 @@ class Replicator:
             "role": role,
             "force_full": force_full,
             "outdated": outdated,
-            "term": term,
+            "terms": terms or {},
         }
         self._send(cmd)
         done = self.wait_for(lambda e: e.get("ev") == "done" and e.get("id") == self._ids, timeout)

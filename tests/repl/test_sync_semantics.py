@@ -11,6 +11,7 @@ the secondary has applied it.
 from __future__ import annotations
 
 import errno
+import json
 import os
 import threading
 import time
@@ -311,21 +312,23 @@ def test_a_change_the_secondary_did_not_get_waits_for_its_permit(pair: Pair) -> 
 
 
 def test_the_secondary_refuses_a_primary_with_an_older_lease_term(pair: Pair) -> None:
-    """The fencing token: once a primary with term 5 connected, one with term 3 (an old
-    primary that lost its lease) cannot replicate into the secondary any more."""
+    """The fencing token: once a primary with term 5 of witness W connected, one with term 3
+    of W (an old primary that lost its lease) cannot replicate into the secondary any more.
+    Terms of different issuers are never compared (a witness started anew, etcd)."""
     pair.b.role("secondary")
-    pair.a.role("primary", term=5)
+    pair.a.role("primary", terms={"witness:w": 5, "witness:x": 9})
     pair.a.wait_in_sync()
-    assert (pair.root / "b" / "state" / "m.term").read_text().strip() == "5"
+    stored = json.loads((pair.root / "b" / "state" / "m.term").read_text())
+    assert stored == {"witness:w": 5, "witness:x": 9}
     pair.a.role("idle")
     since = pair.a.mark()
-    pair.a.role("primary", term=3)
+    pair.a.role("primary", terms={"witness:w": 3, "witness:y": 40})
     time.sleep(2.0)
     synced = [e for e in pair.a.events[since:] if e.get("ev") == "record" and e.get("in_sync")]
     assert not synced, "a primary with an older term got in sync"
     log = (pair.root / "b.log").read_text()
-    assert "lease term 3 is older than term 5" in log
+    assert "lease term 3 of witness:w is older than term 5" in log
     pair.a.role("idle")
     since = pair.a.mark()
-    pair.a.role("primary", term=6)  # a newer term is accepted again
+    pair.a.role("primary", terms={"witness:w": 6, "witness:z": 1})  # newer: accepted again
     pair.a.wait_in_sync(since=since)

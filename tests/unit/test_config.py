@@ -201,7 +201,7 @@ CASES = {
         "cluster",
         "[nodes.n1]",
         '[arbitration]\nwitnesses = ["192.0.2.9:7430"]\nlease = "2s"\nrenew = "1.5s"\n\n[nodes.n1]',
-        "arbitration: renew + timeout (2 s) must be less than lease - margin (1.5 s)",
+        "arbitration: renew + timeout + retry (2.25 s) must be less than lease - margin (1.5 s)",
         "lower renew or timeout, or raise lease",
     ),
     "witness without a port": (

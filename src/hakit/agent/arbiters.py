@@ -22,7 +22,7 @@ class Arbiter(Protocol):
     name: str
 
     async def request(
-        self, op: str, term: int, alone: int = 0, synced: bool = False
+        self, op: str, term: int, alone: int = 0, synced: int = 0
     ) -> tuple[float, Answer] | None: ...
 
 

@@ -36,6 +36,7 @@ from hakit.model import ModuleName, NodeId, State
 from hakit.net import farm as farm_net
 from hakit.net.heartbeat import HeartbeatTransport
 from hakit.net.wire import Envelope, WireError
+from hakit.system import clock
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ class Agent:
             raise ValueError(too_big[0])
         self.config = config
         self.node = node
-        self.clock = time.monotonic
+        self.clock = clock.now  # CLOCK_BOOTTIME: see hakit.system.clock
         self.store = Store(config.cluster.state_dir)
         self.incarnation = 0
         self.seq = 0

@@ -10,8 +10,8 @@ waits for an arbiter); each answer is stepped as ``ArbiterAnswered``. ``PermitAl
 to the replicator at once.
 
 Caveats: a VIP that cannot be removed is logged as an error; the module goes on. A paused agent
-(SIGSTOP) cannot remove its VIPs when its lease ends: until it runs again, its replicated
-changes are held by the replicator (never acknowledged), and at its first tick it fences.
+(SIGSTOP) cannot remove its VIPs itself: the replicator's watchdog (``FenceAt``) does, for
+replicated modules; a non-replicated module's VIPs stay until the agent runs again and fences.
 """
 
 from __future__ import annotations
@@ -145,12 +145,25 @@ class ModuleRunner(RunnerBase):
 
     # ------------------------------------------------------------------ events
     def _machine_step(self, now: float, event: Event) -> list[Action]:
-        """Step the machine; ``FenceAt`` goes to the replicator at once (out of the queue)."""
-        actions = self.machine.step(now, event)
-        for action in actions:
-            if isinstance(action, FenceAt) and self.replica is not None:
-                self.replica.fence_at(action.deadline)
-        return [a for a in actions if not isinstance(a, FenceAt)]
+        """Step the machine. ``FenceAt`` and the ``acquire`` requests go out at once: a lease
+        renewal or a watchdog deadline must never wait behind a slow role change. A
+        ``release`` stays in the queue: it must follow the removal of the VIPs."""
+        queued: list[Action] = []
+        for action in self.machine.step(now, event):
+            if isinstance(action, FenceAt):
+                if self.replica is not None:
+                    self.replica.fence_at(action.deadline)
+            elif isinstance(action, AskArbiters) and action.op == "acquire":
+                self._ask_all(action)
+            else:
+                queued.append(action)
+        return queued
+
+    def _ask_all(self, action: AskArbiters) -> None:
+        for name, client in self.arbiters.items():
+            task = asyncio.create_task(self._ask(name, client, action))
+            self._asks.add(task)
+            task.add_done_callback(self._asks.discard)
 
     def _machine_status(self) -> Status:
         return self.machine.status()
@@ -168,6 +181,7 @@ class ModuleRunner(RunnerBase):
                     action.epoch,
                     action.primary_epoch,
                     action.peer_generation_seen,
+                    action.lease,
                 )
                 # fsync off the event loop: a slow disk must not stall heartbeats (the worker
                 # still waits for it before the next action)
@@ -182,11 +196,8 @@ class ModuleRunner(RunnerBase):
                     self._announce(vip.interface, vip.address, vip.garp_count, vip.garp_interval)
             case SetReplication():
                 await self._set_replication(action)
-            case AskArbiters():
-                for name, client in self.arbiters.items():
-                    task = asyncio.create_task(self._ask(name, client, action))
-                    self._asks.add(task)
-                    task.add_done_callback(self._asks.discard)
+            case AskArbiters():  # a release (acquires go out at once, see _machine_step)
+                self._ask_all(action)
             case PermitAlone(generation=generation):
                 if self.replica is not None:
                     await self.replica.permit(generation)
@@ -222,8 +233,12 @@ class ModuleRunner(RunnerBase):
             f"replication: role {role}" + (" (full resync forced)" if action.force_full else "")
         )
         error = await self.replica.set_role(
-            role, action.force_full, action.peer_generation, action.outdated, action.term
+            role, action.force_full, action.peer_generation, action.outdated, dict(action.terms)
         )
+        if role == "primary" and self.machine.fence_sent:
+            # the watchdog deadline sent with the step may have been reset by a role change
+            # queued before this one (idle): give it again
+            self.replica.fence_at(self.machine.fence_sent)
         if error is not None:
             self.vip_failure = f"replication ({role}): {error}"
             self.note(self.vip_failure, error=True)

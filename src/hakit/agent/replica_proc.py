@@ -107,7 +107,7 @@ class ReplicaProcess:
         force_full: bool,
         peer_generation: int,
         outdated: bool = False,
-        term: int = 0,
+        terms: dict[str, int] | None = None,
     ) -> str | None:
         """Change role; None when done, else the reason it failed."""
         if (
@@ -125,7 +125,7 @@ class ReplicaProcess:
                 "role": role,
                 "force_full": force_full,
                 "peer_generation": peer_generation,
-                "term": term,
+                "terms": terms or {},
                 "outdated": outdated,
             },
             self.role_timeout,

@@ -52,6 +52,7 @@ class Store:
                 epoch=int(raw["epoch"]),
                 primary_epoch=int(raw["primary_epoch"]),
                 peer_generation_seen=int(raw.get("peer_generation_seen", 0)),
+                lease=tuple(sorted((str(k), int(t)) for k, t in raw.get("lease", {}).items())),
             )
         except FileNotFoundError:
             return Durable()
@@ -66,6 +67,7 @@ class Store:
             "epoch": record.epoch,
             "primary_epoch": record.primary_epoch,
             "peer_generation_seen": record.peer_generation_seen,
+            "lease": dict(record.lease),
         }
         write_atomic(self._module_path(module), json.dumps(data, sort_keys=True) + "\n")
 

@@ -74,6 +74,7 @@ class Persist:
     epoch: int
     primary_epoch: int
     peer_generation_seen: int = 0  # highest data generation the peer announced (replicated)
+    lease: tuple[tuple[str, int], ...] = ()  # the fencing token of the last primary term here
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ class SetReplication:
     role: ReplicaRole
     force_full: bool = False
     peer_generation: int = 0  # highest generation the peer announced (primary only)
-    term: int = 0  # primary: the arbiters' lease term, the fencing token (0: no arbiter)
+    # primary: the fencing token, its lease terms named by issuer (empty: no arbiter)
+    terms: tuple[tuple[str, int], ...] = ()
     outdated: bool = False
 
 
@@ -134,13 +136,13 @@ class AskArbiters:
     """Send one request to every arbiter of the module (at once, without waiting: each answer
     comes back as :class:`hakit.core.events.ArbiterAnswered`). ``op``: ``acquire`` (or renew)
     or ``release``; ``terms``: per arbiter, the term this node holds there (0: none);
-    ``alone``: the data generation this node runs alone with (0: none); ``synced``: its
-    secondary is in sync (clears its ran-alone record)."""
+    ``alone``: the data generation this node runs alone with (0: none); ``synced``: the
+    generation its in-sync secondary has (0: none; clears a ran-alone record up to it)."""
 
     op: str
     terms: tuple[tuple[str, int], ...]
     alone: int = 0
-    synced: bool = False
+    synced: int = 0
 
 
 @dataclass(frozen=True)

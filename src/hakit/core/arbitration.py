@@ -68,9 +68,10 @@ class Arbitration:
         self.node = node
         self.holdings = {a: Holding(settings.duration, settings.margin) for a in settings.arbiters}
         self.confirmed: dict[str, int] = {}  # arbiter -> our ran-alone generation it recorded
+        self.sources: dict[str, str] = {}  # arbiter -> issuer of its terms (witness id, …)
         self.others: dict[NodeId, int] = {}  # other node -> highest ran-alone record seen
-        self.next_ask = float("-inf")
-        self.sent: tuple[int, bool] | None = None  # (alone, synced) of the last request
+        self.last_ask = float("-inf")  # when the last acquire was sent
+        self.sent: tuple[int, int] | None = None  # (alone, synced) of the last request
         self.last_refusal = ""  # why the lease is not held, from the latest answer
 
     @property
@@ -90,8 +91,16 @@ class Arbitration:
         return any(h.valid(now) for h in self.holdings.values())
 
     def term(self) -> int:
-        """The highest term held (the fencing token; 0: none)."""
+        """The highest term held (for display; the fencing token is :meth:`tokens`)."""
         return max((h.term for h in self.holdings.values()), default=0)
+
+    def tokens(self, now: float) -> tuple[tuple[str, int], ...]:
+        """The fencing token: the terms of the leases valid now, each named by its issuer."""
+        return tuple(
+            sorted(
+                (self.sources.get(a) or a, h.term) for a, h in self.holdings.items() if h.valid(now)
+            )
+        )
 
     def recorded(self) -> int:
         """The highest ran-alone generation of this node that a majority of arbiters recorded."""
@@ -105,9 +114,10 @@ class Arbitration:
         why = f": {self.last_refusal}" if self.last_refusal else ""
         return f"waiting for the arbiters' lease{why}"
 
-    def ask(self, now: float, wanted: bool, alone: int, synced: bool) -> AskArbiters | None:
+    def ask(self, now: float, wanted: bool, alone: int, synced: int) -> AskArbiters | None:
         """The request to send now, if any: a wanted lease is renewed every ``renew`` seconds
-        while valid, asked every ``retry`` seconds while not, and at once when what this node
+        while valid and every arbiter answered the last request, else asked again every
+        ``retry`` seconds (a lost renewal is retried at once), and at once when what this node
         must record changes; a lease no longer wanted but still held is released."""
         if not self.enabled:
             return None
@@ -118,11 +128,11 @@ class Arbitration:
                 h.released(now)
             self.sent = None
             return AskArbiters("release", self._terms())
-        changed = self.sent != (alone, synced)
-        if not changed and now < self.next_ask:
+        answered = all(h.last_sent >= self.last_ask for h in self.holdings.values())
+        interval = self.settings.renew if self.valid(now) and answered else self.settings.retry
+        if self.sent == (alone, synced) and now < self.last_ask + interval:
             return None
-        interval = self.settings.renew if self.valid(now) else self.settings.retry
-        self.next_ask = now + interval
+        self.last_ask = now
         self.sent = (alone, synced)
         return AskArbiters("acquire", self._terms(), alone, synced)
 
@@ -135,6 +145,8 @@ class Arbitration:
         holding.answered(ev.sent_at, a)
         if a.granted:
             self.confirmed[ev.arbiter] = a.alone_of(self.node)
+            if a.source:
+                self.sources[ev.arbiter] = a.source
             self.last_refusal = ""
         else:
             self.last_refusal = f"{ev.arbiter}: {a.reason}" if a.reason else ev.arbiter

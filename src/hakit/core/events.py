@@ -64,6 +64,8 @@ class PeerModuleStatus:
     generation: int = 0
     ran_alone: bool = False
     in_sync: bool = False
+    # arbitration: the fencing token under which the peer last became primary (issuer, term)
+    lease: tuple[tuple[str, int], ...] = ()
 
     @property
     def record(self) -> DataRecord:

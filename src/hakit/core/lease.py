@@ -16,8 +16,9 @@ in-sync secondary says so in its requests (``alone``: its data generation); the 
 it per module and node (persisted before the answer) and shows every record in every answer.
 A node may acknowledge writes that exist only on its own disk once a majority of the witnesses
 recorded their generation; any node that later acquires the lease learns the record and will
-not take over on older data. Only the node itself clears its record, by saying its secondary is
-in sync (``synced``) — a bare acquire never clears it.
+not take over on older data. Only the node itself clears its record, by saying which
+generation its in-sync secondary has (``synced``): a record of that generation or older goes —
+a bare acquire, or a late request from before a newer record, never clears it.
 
 Expiry runs on the witness's monotonic clock: a grant or renewal received at ``now`` is valid
 until ``now + duration``. A node may serve as primary only until its own **deadline**:
@@ -42,12 +43,13 @@ A node releases a lease only after its application and VIPs are stopped, and cal
 :meth:`Holding.released` before it sends the release, so that the late answer to an earlier
 renewal cannot make it valid again.
 
-Caveats: one witness is a single point of decision (use an odd number and :func:`majority`;
-each witness issues its own terms: a fencing token across witnesses is still to be defined).
-The node's clock must count suspended time (``CLOCK_BOOTTIME``), and a node paused between a
-``valid()`` check and acting on it is only stopped by fencing tokens. The renewal interval plus
-the request timeout plus the time to stop the application must stay below
-``duration - margin``.
+Caveats: one witness is a single point of decision (use an odd number and :func:`majority`).
+Each witness issues its own terms: the fencing token of a primary is the set of its terms,
+each named by its issuer (:attr:`Answer.source`), and a secondary compares only terms of the
+same issuer (two majorities share a witness, whose later term is greater). The node's clock
+counts suspended time (``CLOCK_BOOTTIME``, :mod:`hakit.system.clock`); a node paused between
+a ``valid()`` check and acting on it is stopped by the replicator's watchdog and by the
+fencing tokens.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ class Answer:
     reason: str  # for logs, e.g. "held by n1 for 2.4 s more"
     # the module's ran-alone records after this request: (node, data generation), sorted
     alone: tuple[tuple[NodeId, int], ...] = ()
+    source: str = ""  # the issuer of the terms (witness id, etcd cluster id): set by clients
 
     def alone_of(self, node: NodeId) -> int:
         """The generation ``node`` ran alone with, as recorded (0: no record)."""
@@ -118,17 +121,18 @@ class LeaseTable:
         node: NodeId,
         held_term: int = 0,
         alone: int = 0,
-        synced: bool = False,
+        synced: int = 0,
     ) -> Answer:
         """Grant, renew or refuse ``module``'s lease to ``node``, then (granted only) update its
-        ran-alone record: ``alone`` > 0 records that generation, ``synced`` clears the record.
+        ran-alone record: ``alone`` > 0 records that generation; ``synced`` (the generation its
+        in-sync secondary has) clears a record of that generation or older.
         ``held_term``: the term the node believes it holds (0: none), used only to renew across
         a restart of the witness."""
         answer = self._acquire(now, module, node, held_term)
         records = self.alone.setdefault(module, {})
         if answer.granted and alone > records.get(node, 0):
             records[node] = alone
-        elif answer.granted and synced and not alone:
+        elif answer.granted and not alone and 0 < records.get(node, 0) <= synced:
             records.pop(node, None)
         return replace(answer, alone=self.records(module))
 

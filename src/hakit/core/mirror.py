@@ -117,6 +117,7 @@ class Durable:
     primary_epoch: int = 0
     # replicated: highest data generation the peer announced since its copy was last in sync
     peer_generation_seen: int = 0
+    lease: tuple[tuple[str, int], ...] = ()  # fencing token of this node's last primary term
 
 
 @dataclass(frozen=True)
@@ -137,6 +138,7 @@ class Status:
     generation: int = 0
     ran_alone: bool = False
     in_sync: bool = False
+    lease: tuple[tuple[str, int], ...] = ()  # fencing token of this node's last primary term
 
     @property
     def record(self) -> DataRecord:
@@ -188,6 +190,7 @@ class MirrorMachine:
         self.replica_detail = ""  # the latest report's detail, for reasons
         self.replica_role = ReplicaRole.IDLE  # the role last given to the replication process
         self.peer_generation_seen = d.peer_generation_seen
+        self.lease = d.lease  # arbitration: the token of this node's last primary term
         self.peer_was_in_sync = False  # the peer's latest status as primary said "in sync"
         self.force = False  # `prim --force` accepted: the data rules are bypassed once
         self.mark_outdated = False  # yielded with a ran-alone copy: mark it outdated
@@ -215,6 +218,7 @@ class MirrorMachine:
             generation=self.data.generation,
             ran_alone=self.data.ran_alone,
             in_sync=self.in_sync,
+            lease=self.lease,
         )
 
     @property
@@ -265,6 +269,7 @@ class MirrorMachine:
                 if self.claims_primary:
                     self.replica_fenced = detail or "the replication process removed the VIPs"
                     self.fenced = True
+                    actions.append(DelVips())  # after any AddVips still queued
             case ArbiterAnswered():
                 seen = self.peer_generation_seen
                 if self.arb.answered(event) and self.settings.replicated:
@@ -298,6 +303,11 @@ class MirrorMachine:
                 if refusal is not None:
                     goal = Goal.WAIT
                     what += f"; not becoming primary: {refusal}"
+            elif goal == Goal.PRIM and state == State.STOPPING_PRIM:  # a local restart
+                fence = mirror_arbitration.must_fence(self, now)
+                if self.fenced or fence is not None:
+                    goal = Goal.WAIT
+                    what += f"; not starting again: {fence or 'fenced while stopping'}"
             self._move(now, THEN_TRIGGER[goal], what, actions)
         elif not done.ok:
             self.wanted = False
@@ -406,12 +416,12 @@ class MirrorMachine:
         else:
             self.reason = what
 
-    def _set_replication(self, role: ReplicaRole, actions: list[Action]) -> None:
+    def _set_replication(self, now: float, role: ReplicaRole, actions: list[Action]) -> None:
         """Emit ``SetReplication``; the record it will write is known already (action doc)."""
         if role == ReplicaRole.PRIMARY:
             seen = self.peer_generation_seen
             action = SetReplication(
-                role, force_full=self.force, peer_generation=seen, term=self.arb.term()
+                role, force_full=self.force, peer_generation=seen, terms=self.arb.tokens(now)
             )
             generation = max(self.data.generation, seen) + 1
             self.data = DataRecord(DataState.UPTODATE, generation, ran_alone=True)
@@ -523,6 +533,11 @@ class MirrorMachine:
                 return None
             return Trigger.NO_PEER, f"{s.peer} not heard for {s.startup_wait:g} s"
         if peer.claims_primary:
+            if peer.state == State.STOPPING_PRIM:
+                # let it finish: it may be fencing itself or stopping, not staying primary
+                # (following it now could give up this node's newer data for nothing)
+                self.reason = f"{peer.node} is {peer.state}: waiting for it to settle"
+                return None
             return Trigger.PEER_PRIMARY, f"{peer.node} is {peer.state}"
         if not self._peer_is_current(peer):
             return None
@@ -666,7 +681,15 @@ class MirrorMachine:
         return peer.acked_version == self.version
 
     def _yields_to_peer(self, peer: PeerModuleStatus) -> bool:
-        """Dual primary: the node whose primary term started later yields; tie → larger name."""
+        """Dual primary: the node whose primary term started later yields; tie → larger name.
+
+        With arbiters the other way round, by the fencing tokens: the later lease holder got
+        its lease knowing every ran-alone record, so the other one's changes at the same
+        generation were never acknowledged (held, docs/split-brain.md): it yields."""
+        if _later(peer.lease, self.lease):
+            return True
+        if _later(self.lease, peer.lease):
+            return False
         if self.primary_epoch != peer.primary_epoch:
             return self.primary_epoch > peer.primary_epoch
         return self.settings.node > peer.node
@@ -674,7 +697,12 @@ class MirrorMachine:
     # ------------------------------------------------------------------ moving
     def _persist(self) -> Persist:
         return Persist(
-            self.wanted, self.state, self.epoch, self.primary_epoch, self.peer_generation_seen
+            self.wanted,
+            self.state,
+            self.epoch,
+            self.primary_epoch,
+            self.peer_generation_seen,
+            self.lease,
         )
 
     def _move(self, now: float, trigger: Trigger, why: str, actions: list[Action]) -> None:
@@ -704,9 +732,9 @@ class MirrorMachine:
         if old == State.STOPPING_PRIM and new != State.STARTING_PRIM:
             actions.append(DelVips())
             if repl:
-                self._set_replication(ReplicaRole.IDLE, actions)
+                self._set_replication(now, ReplicaRole.IDLE, actions)
         if repl and old == State.STOPPING_SECOND and new != State.STARTING_SECOND:
-            self._set_replication(ReplicaRole.IDLE, actions)
+            self._set_replication(now, ReplicaRole.IDLE, actions)
         if old == State.SECOND or new in (State.STOP, State.WAIT):
             self.swap_request = False
         if old in (State.PRIM, State.ALONE) and edge.goal == Goal.SECOND:
@@ -719,6 +747,8 @@ class MirrorMachine:
         if new == State.STARTING_PRIM:
             self.fenced = False
             self.replica_fenced = ""
+        if new == State.STARTING_PRIM and old != State.STOPPING_PRIM and self.arb.enabled:
+            self.lease = self.arb.tokens(now)  # persisted below, carried by heartbeats
         if new == State.STARTING_PRIM and old != State.STOPPING_PRIM:
             self.epoch = max(self.epoch, self.peer.epoch if self.peer else 0) + 1
             self.primary_epoch = self.epoch
@@ -731,15 +761,21 @@ class MirrorMachine:
             actions.append(StopCheckers())
         if new == State.STARTING_PRIM:
             if repl and (old != State.STOPPING_PRIM or self.replica_role != ReplicaRole.PRIMARY):
-                self._set_replication(ReplicaRole.PRIMARY, actions)
+                self._set_replication(now, ReplicaRole.PRIMARY, actions)
             actions.append(AddVips())
         if repl and new == State.STARTING_SECOND:
-            self._set_replication(ReplicaRole.SECONDARY, actions)
+            self._set_replication(now, ReplicaRole.SECONDARY, actions)
         if self.goal != Goal.PRIM:
             self.force = False
         script = SCRIPT_OF.get(new)
         if script is not None:
             actions.append(RunScript(script, f"{old}->{new}"))
+
+
+def _later(a: tuple[tuple[str, int], ...], b: tuple[tuple[str, int], ...]) -> bool:
+    """Token ``a`` is from a later lease than ``b``: a greater term of a common issuer."""
+    terms = dict(b)
+    return any(term > terms[issuer] for issuer, term in a if issuer in terms)
 
 
 #: Triggers by which a node that ran alone becomes secondary of a peer whose copy is kept.

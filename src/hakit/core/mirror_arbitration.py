@@ -35,7 +35,7 @@ def arbitrate(m: MirrorMachine, now: float, actions: list[Action]) -> None:
             m.fenced = True
             extra.append(DelVips())
         alone = m.data.generation if primary_role and m.data.ran_alone else 0
-        synced = m.state == State.PRIM and m.in_sync
+        synced = m.data.generation if m.state == State.PRIM and m.in_sync else 0
         ask = arb.ask(now, m.claims_primary or m.lease_wanted, alone, synced)
         if ask is not None:
             extra.append(ask)

@@ -67,6 +67,8 @@ def encode(statuses: Mapping[ModuleName, Status], acks: Mapping[ModuleName, Ack]
             entry["alone"] = True
         if st.in_sync:
             entry["sync"] = True
+        if st.lease:
+            entry["lease"] = dict(st.lease)
     return {"modules": modules}
 
 
@@ -108,9 +110,19 @@ def decode(
             generation=_get(entry, "gen", int, 0),
             ran_alone=_get(entry, "alone", bool, False),
             in_sync=_get(entry, "sync", bool, False),
+            lease=_lease(entry),
         )
         out[ModuleName(name)] = Received(status, _get(entry, "ver", int))
     return out
+
+
+def _lease(entry: Mapping[str, Any]) -> tuple[tuple[str, int], ...]:
+    value = entry.get("lease", {})
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and _is_int(t) for k, t in value.items()
+    ):
+        raise PayloadError("lease: expected an object of issuer -> term")
+    return tuple(sorted(value.items()))
 
 
 def _is_int(value: object) -> bool:

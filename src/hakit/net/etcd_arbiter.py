@@ -23,8 +23,9 @@ before the answer is returned. ``release``: the etcd lease of this node's key is
 key goes with it). Every answer carries all the module's ran-alone records, sorted.
 
 :meth:`EtcdArbiter.request` returns ``(sent_at, answer)``, ``sent_at`` being
-``time.monotonic()`` taken before the first message of the request is sent, or None without a
-valid answer within ``timeout`` (no endpoint answered, etcd error): it never raises for those.
+``hakit.system.clock.now()`` (CLOCK_BOOTTIME) taken before the first message of the request
+is sent, or None without a valid answer within ``timeout`` (no endpoint answered, etcd error):
+it never raises for those.
 
 Timing: the node's deadline is ``sent_at + min(duration, remaining) - margin``, and
 ``remaining`` is at most the TTL etcd reported for the grant or keepalive. etcd's leader starts
@@ -54,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -66,6 +68,7 @@ from typing import Any
 
 from hakit.core.lease import Answer
 from hakit.model import NodeId
+from hakit.system import clock as boottime
 
 log = logging.getLogger(__name__)
 
@@ -139,27 +142,29 @@ class EtcdArbiter:
         self._ttl = max(1, math.ceil(duration))
         self._lease = 0  # the etcd lease this object granted or adopted last (0: none)
         self._good = 0  # the endpoint that answered last: asked first
+        self.source = "etcd"  # "etcd:<cluster id>" once known: the terms' issuer
         self._mutex = threading.Lock()
         self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
     async def request(
-        self, op: str, term: int, alone: int = 0, synced: bool = False
+        self, op: str, term: int, alone: int = 0, synced: int = 0
     ) -> tuple[float, Answer] | None:
         """One request (``acquire`` or ``release``); None without an answer in time."""
         if op not in ("acquire", "release"):
             raise ValueError(f"unknown request {op!r}")
-        sent_at = time.monotonic()
-        deadline = sent_at + self.timeout
+        sent_at = boottime.now()
+        deadline = time.monotonic() + self.timeout  # for the HTTP timeouts only
         work = asyncio.to_thread(self._request, op, term, alone, synced, deadline)
         try:
-            return sent_at, await asyncio.wait_for(work, self.timeout)
+            answer = await asyncio.wait_for(work, self.timeout)
+            return sent_at, dataclasses.replace(answer, source=self.source)
         except (_EtcdError, TimeoutError, OSError) as exc:
             log.debug("%s %s %s: no answer (%s)", self.name, self.module, op, exc or "timeout")
             return None
 
     # --- one request, in a worker thread -------------------------------------------------
 
-    def _request(self, op: str, term: int, alone: int, synced: bool, deadline: float) -> Answer:
+    def _request(self, op: str, term: int, alone: int, synced: int, deadline: float) -> Answer:
         if not self._mutex.acquire(timeout=max(0.0, deadline - time.monotonic())):
             raise _EtcdError("the previous request is still running")
         try:
@@ -169,7 +174,7 @@ class EtcdArbiter:
         finally:
             self._mutex.release()
 
-    def _acquire(self, term: int, alone: int, synced: bool, deadline: float) -> Answer:
+    def _acquire(self, term: int, alone: int, synced: int, deadline: float) -> Answer:
         holder, records = self._parse(self._call("/v3/kv/range", self._range(), deadline))
         if holder is None:
             return self._grant(records, alone, synced, deadline)
@@ -193,7 +198,7 @@ class EtcdArbiter:
             True, self.node, holder.term, remaining, f"{how} (term {holder.term})", records
         )
 
-    def _grant(self, records: Records, alone: int, synced: bool, deadline: float) -> Answer:
+    def _grant(self, records: Records, alone: int, synced: int, deadline: float) -> Answer:
         reply = self._call("/v3/lease/grant", {"TTL": str(self._ttl)}, deadline)
         lease, ttl = _int(reply.get("ID")), _int(reply.get("TTL"))
         if lease == 0 or ttl <= 0:
@@ -249,12 +254,12 @@ class EtcdArbiter:
             {"key": key, "target": "LEASE", "result": "EQUAL", "lease": str(lease)},
         ]
 
-    def _record_ops(self, records: Records, alone: int, synced: bool) -> list[dict[str, Any]]:
+    def _record_ops(self, records: Records, alone: int, synced: int) -> list[dict[str, Any]]:
         """The write of this node's ran-alone record (only once granted), if any."""
         key, current = _b64(self.alone_prefix + self.node), dict(records).get(self.node, 0)
         if alone > current:
             return [{"request_put": {"key": key, "value": _b64(str(alone))}}]
-        if synced and alone == 0 and current:
+        if alone == 0 and 0 < current <= synced:  # its secondary has this generation now
             return [{"request_delete_range": {"key": key}}]
         return []
 
@@ -293,11 +298,15 @@ class EtcdArbiter:
     def _call(self, path: str, body: dict[str, Any], deadline: float) -> dict[str, Any]:
         """POST ``body`` to the first endpoint that answers, from the last one that did."""
         data = json.dumps(body).encode()
-        for i in range(len(self.endpoints)):
-            index = (self._good + i) % len(self.endpoints)
-            left = deadline - time.monotonic()
+        count = len(self.endpoints)
+        for i in range(count):
+            index = (self._good + i) % count
+            # each endpoint gets its share of the time left: one that drops packets must not
+            # eat the whole request; and the next request starts with the next endpoint
+            left = (deadline - time.monotonic()) / (count - i)
             if left <= 0:
                 break
+            self._good = (index + 1) % count
             url = self.endpoints[index] + path
             request = urllib.request.Request(url, data, _JSON)  # noqa: S310 (http(s) only)
             try:
@@ -317,6 +326,9 @@ class EtcdArbiter:
                 log.debug("%s: %s", url, reply)  # a stream's error comes in the body
                 continue
             self._good = index
+            header = reply.get("header")
+            if isinstance(header, dict) and header.get("cluster_id"):
+                self.source = f"etcd:{header['cluster_id']}"
             return reply
         raise _EtcdError(f"no etcd endpoint answered {path}")
 

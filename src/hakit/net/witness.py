@@ -11,7 +11,8 @@ node's configured addresses, is well formed, and is newer than the last one acce
 (:class:`~hakit.net.wire.ReplayGuard`, one sequence per node and module); anything else is
 dropped without an answer. Request payload: ``{"op": "acquire"|"release", "module", "term"
 (the term the node believes it holds, 0: none), "alone" (the generation it runs alone with,
-0: none), "synced" (its secondary is in sync), "nonce" (32 random hex digits)}``. The answer
+0: none), "synced" (the generation its in-sync secondary has, 0: none), "nonce" (32 random
+hex digits)}``. The answer
 echoes the request's fields with ``granted``, ``holder``, ``term_now``, ``remaining``,
 ``reason`` and ``records`` (the module's ran-alone records, ``[[node, generation], …]``), so the
 client takes no answer for another (or an older) request.
@@ -40,7 +41,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from typing import Any
 from hakit.core.lease import Answer, LeaseTable
 from hakit.model import NodeId
 from hakit.net.wire import Envelope, ReplayGuard, WireError, decode, encode
+from hakit.system import clock as boottime
 from hakit.system.durable import write_atomic
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ class WitnessServer(asyncio.DatagramProtocol):
         *,
         duration: float,
         new: bool = False,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = boottime.now,
     ) -> None:
         self.request_key, self.answer_key = keys(key)
         self.cluster, self.nodes = cluster, nodes
@@ -84,6 +85,9 @@ class WitnessServer(asyncio.DatagramProtocol):
         self.clock = clock
         state = _load(state_file, new)
         self.incarnation = int(state.get("incarnation", 0)) + 1
+        # who issues these terms: made once, kept in the state (a witness started --new
+        # again is another issuer: its terms are not compared with the old one's)
+        self.id = str(state.get("id") or os.urandom(8).hex())
         last = {
             str(m): (NodeId(v[0]), int(v[1])) if v else None
             for m, v in dict(state.get("last", {})).items()
@@ -113,7 +117,7 @@ class WitnessServer(asyncio.DatagramProtocol):
             self.transport.close()
 
     def _save(self) -> None:
-        state = {"incarnation": self.incarnation, **self.table.state()}
+        state = {"id": self.id, "incarnation": self.incarnation, **self.table.state()}
         write_atomic(self.state_file, json.dumps(state) + "\n")
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
@@ -134,7 +138,7 @@ class WitnessServer(asyncio.DatagramProtocol):
             and bool(module)
             and _count(term)
             and _count(alone)
-            and isinstance(synced, bool)
+            and _count(synced)
             and isinstance(nonce, str)
             and len(nonce) == NONCE_HEX
         )
@@ -147,9 +151,10 @@ class WitnessServer(asyncio.DatagramProtocol):
             self.dropped += 1
             return
         assert isinstance(module, str) and isinstance(term, int) and isinstance(alone, int)
+        assert isinstance(synced, int)
         node, now, before = NodeId(env.sender), self.clock(), self.table.state()
         if op == "acquire":
-            answer = self.table.acquire(now, module, node, term, alone, bool(synced))
+            answer = self.table.acquire(now, module, node, term, alone, synced)
         else:
             released = self.table.release(now, module, node)
             holder = self.table.holder(now, module)
@@ -174,6 +179,7 @@ class WitnessServer(asyncio.DatagramProtocol):
             "remaining": answer.remaining,
             "reason": answer.reason,
             "records": [list(r) for r in answer.alone],
+            "witness": self.id,
         }
         env_out = Envelope(self.cluster, WITNESS, self.incarnation, self.seq, reply)
         out = encode(self.answer_key, env_out)
@@ -200,10 +206,10 @@ async def ask(
     incarnation: int,
     seq: int,
     alone: int = 0,
-    synced: bool = False,
+    synced: int = 0,
     local: tuple[str, int] | None = None,
     timeout: float = 1.0,
-    clock: Callable[[], float] = time.monotonic,
+    clock: Callable[[], float] = boottime.now,
 ) -> tuple[float, Answer] | None:
     """Send one request and wait for its answer: ``(send time on ``clock``, answer)``, or None
     without a valid answer to THIS request in time. ``seq`` grows with every request of this
@@ -240,6 +246,7 @@ async def ask(
                             float(p.get("remaining", 0.0)),
                             str(p.get("reason", "")),
                             records,
+                            f"witness:{p.get('witness', '')}",
                         )
                     )
 
@@ -280,7 +287,7 @@ class WitnessClient:
         self.name = f"{address[0]}:{address[1]}"
 
     async def request(
-        self, op: str, term: int, alone: int = 0, synced: bool = False
+        self, op: str, term: int, alone: int = 0, synced: int = 0
     ) -> tuple[float, Answer] | None:
         """One request (``acquire`` or ``release``); None without an answer in time."""
         self.seq += 1

@@ -72,6 +72,9 @@ RENAME_NOREPLACE = 1
 _pinned: set[int] = set()  # libfuse threads whose Python thread state is kept between calls
 
 
+MAX_THREADS = 64  # libfuse worker threads per mount (requests waiting for the secondary)
+
+
 class _Fuse(FUSE):  # type: ignore[misc]
     """mfusepy's FUSE with the rename flags passed on (so RENAME_NOREPLACE is honoured), and
     cheaper paths for the frequent requests.
@@ -535,4 +538,6 @@ def mount(repl: PrimaryReplicator, root: int, mountpoint: str, fsname: str) -> N
         default_permissions=True,
         fsname=fsname,
         subtype="hakit",
+        # libfuse 3.14's default is UINT_MAX, which it rejects with a warning at every mount
+        max_threads=MAX_THREADS,
     )

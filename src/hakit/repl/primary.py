@@ -35,7 +35,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +73,8 @@ class PrimarySettings:
     checkpoint_interval: float = 2.0  # SYNCFS on the secondary this often (crash window)
     retry_interval: float = 0.25  # reconnection attempts while ALONE (refused at once if down)
     hold_timeout: float = 10.0  # an unreplicated change waits this long for its permit, then EIO
-    term: int = 0  # the arbiters' lease term (fencing token) shown to the secondary at HELLO
+    # the fencing token shown to the secondary at HELLO: lease terms by issuer (empty: none)
+    terms: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -394,16 +395,22 @@ class PrimaryReplicator:
             try:
                 Resync(self, link, full).run()
                 failures = 0
+                continue
             except (ReplicaLost, OSError, ResyncError, p.ProtocolError) as exc:
                 failures += 1
                 why = f"resync interrupted: {exc}"
                 log.warning("%s (attempt %d)", why, failures)
-                with self.order:
-                    if self.link is link:
-                        self._degrade_locked(why)
-                link.close(why)
-                # back off on repeated failures (e.g. the secondary's disk is full)
-                self._stop.wait(min(30.0, self.s.retry_interval * 2 ** min(failures - 1, 5)))
+            except Exception as exc:  # a bug: said loudly, but this loop must never die
+                failures += 1
+                why = f"resync failed: {exc!r}"
+                log.exception("%s (attempt %d); please report it", why, failures)
+            # after any failure: run alone again, back off, reconnect
+            with self.order:
+                if self.link is link:
+                    self._degrade_locked(why)
+            link.close(why)
+            # back off on repeated failures (e.g. the secondary's disk is full)
+            self._stop.wait(min(30.0, self.s.retry_interval * 2 ** min(failures - 1, 5)))
 
     def _connect(self) -> tuple[Link, DataRecord]:
         sock = connect(
@@ -422,7 +429,7 @@ class PrimaryReplicator:
             "node": self.s.node,
             "generation": self.record.generation,
             "roots": len(self.roots),
-            "term": self.s.term,
+            "terms": self.s.terms,
         }
         reply = link.call(p.Request(p.Op.HELLO, data=p.encode_json(hello)))
         if reply.err:
@@ -454,8 +461,14 @@ class PrimaryReplicator:
             except ReplicaLost:
                 continue
             with self.order:
-                # everything sent before the checkpoint is durable on the secondary
-                self._recent = [(s, k) for s, k in self._recent if s >= pending.seq]
+                self.checkpointed(link, pending.seq)
+
+    def checkpointed(self, link: Link, seq: int) -> None:
+        """Everything ``link`` carried before request ``seq`` is durable on the secondary
+        (caller holds :attr:`order`). Nothing to forget if the link was replaced meanwhile:
+        the list then belongs to the new link (its sequence numbers start again)."""
+        if self.link is link:
+            self._recent = [(s, k) for s, k in self._recent if s >= seq] or [(seq, set())]
 
     def _flush_loop(self) -> None:
         while not self._stop.wait(1.0):

@@ -3,11 +3,11 @@
 The agent starts it and talks to it over its stdin/stdout, one JSON object per line:
 
 - agent → replicator: ``{"cmd": "role", "id": N, "role": "primary"|"secondary"|"idle",
-  "force_full": bool, "peer_generation": int, "outdated": bool, "term": int}``,
+  "force_full": bool, "peer_generation": int, "outdated": bool, "terms": {issuer: term}}``,
   ``{"cmd": "ping", "id": N}``,
   ``{"cmd": "permit", "generation": G}`` (primary: unreplicated changes of generations up to G
   may be acknowledged; no answer), ``{"cmd": "fence_at", "t": T}`` (primary: the watchdog —
-  remove the module's VIPs once CLOCK_MONOTONIC passes T unless a later T comes; 0: never);
+  remove the module's VIPs once CLOCK_BOOTTIME passes T unless a later T comes; 0: never);
 - replicator → agent: ``{"ev": "done", "id": N, "ok": bool, "error": str}`` when a role
   change is complete (file systems mounted, listener up, or everything released),
   ``{"ev": "pong", "id": N}``, ``{"ev": "record", …}`` (data record, mode, progress),
@@ -43,6 +43,7 @@ from hakit.repl.primary import PrimaryReplicator, PrimarySettings
 from hakit.repl.server import ReplicaServer
 from hakit.repl.tracker import DirtyJournal
 from hakit.repl.tree import Exclusions
+from hakit.system import clock as boottime
 from hakit.system.durable import write_atomic
 from hakit.system.run import run
 
@@ -109,7 +110,7 @@ class Replicator:
         force_full: bool,
         peer_generation: int,
         outdated: bool = False,
-        term: int = 0,
+        terms: dict[str, int] | None = None,
     ) -> None:
         if role != "primary":  # (a primary's deadline came with the step that made it one)
             self.fence_deadline = 0.0
@@ -138,7 +139,7 @@ class Replicator:
             return
         self._release()
         if role == "primary":
-            self._become_primary(force_full, peer_generation, term)
+            self._become_primary(force_full, peer_generation, terms or {})
         elif role == "secondary":
             self._become_secondary()
         self.role = role
@@ -183,10 +184,10 @@ class Replicator:
         while True:
             time.sleep(0.02)
             deadline = self.fence_deadline
-            if not deadline or self.primary is None or time.monotonic() <= deadline:
+            if not deadline or self.primary is None or boottime.now() <= deadline:
                 continue
             self.fence_deadline = 0.0
-            late = time.monotonic() - deadline
+            late = boottime.now() - deadline
             removed = []
             for vip in self.module.config.vips:
                 argv = ["ip", "addr", "del", vip.address, "dev", vip.interface]
@@ -199,11 +200,12 @@ class Replicator:
             log.error("watchdog: %s", detail)
             self.emit({"ev": "fenced", "detail": detail})
 
-    def highest_term(self) -> int:
+    def highest_terms(self) -> dict[str, int]:
+        """Per issuer, the highest lease term a primary presented here (the fencing tokens)."""
         try:
-            return int(self.term_file.read_text().strip() or 0)
+            return _terms(json.loads(self.term_file.read_text()), strict=True)
         except FileNotFoundError:
-            return 0
+            return {}
         except ValueError as exc:
             raise ValueError(
                 f"{self.term_file} is damaged ({exc}): refusing every primary"
@@ -216,7 +218,9 @@ class Replicator:
         if prim is not None:
             prim.permit(self.permitted)
 
-    def _become_primary(self, force_full: bool, peer_generation: int, term: int) -> None:
+    def _become_primary(
+        self, force_full: bool, peer_generation: int, terms: dict[str, int]
+    ) -> None:
         from hakit.repl.fusefs import mount  # noqa: PLC0415  (loads libfuse only when needed)
 
         self._open_roots()
@@ -232,7 +236,7 @@ class Replicator:
             streams=rc.streams,
             block_size=rc.block_size,
             bandwidth=rc.bandwidth * 1e6 if rc.bandwidth else None,
-            term=term,
+            terms=terms,
         )
         journal = DirtyJournal(self.journal_dir)
         prim = PrimaryReplicator(
@@ -324,18 +328,18 @@ class _SecondaryHandlers:
                 f"the primary replicates {obj.get('roots')} directories, this node "
                 f"{len(self.rep.paths)}: make [[replicate]] the same on both nodes"
             )
-        term = obj.get("term", 0)
-        if not isinstance(term, int) or isinstance(term, bool) or term < 0:
-            raise ValueError(f"bad fencing term {term!r}")
-        seen = self.rep.highest_term()
-        if term < seen:
+        terms = _terms(obj.get("terms"))
+        seen = self.rep.highest_terms()
+        older = {k: (t, seen[k]) for k, t in terms.items() if t < seen.get(k, 0)}
+        if older:
+            issuer, (term, newest) = sorted(older.items())[0]
             raise ValueError(
-                f"fencing: the primary's lease term {term} is older than term {seen} already "
-                f"seen here: a newer primary exists (if arbitration was removed from the "
-                f"cluster on purpose, delete {self.rep.term_file})"
+                f"fencing: the primary's lease term {term} of {issuer} is older than term "
+                f"{newest} already seen here: a newer primary exists"
             )
-        if term > seen:
-            write_atomic(self.rep.term_file, f"{term}\n")  # durable before we accept
+        merged = {**seen, **{k: t for k, t in terms.items() if t > seen.get(k, 0)}}
+        if merged != seen:  # durable before we accept
+            write_atomic(self.rep.term_file, json.dumps(merged, sort_keys=True) + "\n")
         rec = records.load(self.rep.record_file)
         return {
             "node": self.rep.node,
@@ -365,6 +369,18 @@ class _SecondaryHandlers:
         if kind in ("disconnected", "error"):
             rec = records.load(self.rep.record_file)
             self.rep.emit_record(rec, f"primary {kind}: {detail}", "secondary")
+
+
+def _terms(value: object, *, strict: bool = False) -> dict[str, int]:
+    """A fencing token ``{issuer: term}`` from JSON (anything else: empty, or ValueError)."""
+    if isinstance(value, dict) and all(
+        isinstance(k, str) and isinstance(t, int) and not isinstance(t, bool) and t >= 0
+        for k, t in value.items()
+    ):
+        return dict(value)
+    if strict:
+        raise ValueError(f"not a set of terms: {value!r}")
+    return {}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -398,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
                     bool(cmd.get("force_full", False)),
                     int(cmd.get("peer_generation", 0)),
                     bool(cmd.get("outdated", False)),
-                    int(cmd.get("term", 0)),
+                    _terms(cmd.get("terms")),
                 )
                 rep.emit({"ev": "done", "id": cmd.get("id"), "ok": True, "error": ""})
             except Exception as exc:  # report every failure to the agent, keep serving

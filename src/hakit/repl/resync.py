@@ -135,7 +135,7 @@ class Resync:
                 self._progress()
         self._check(end.wait(), "end resync")
         with prim.order:
-            prim._recent = [(s, k) for s, k in prim._recent if s >= end.seq]
+            prim.checkpointed(link, end.seq)
         took = time.monotonic() - self.started
         log.info(
             "resync done: %d paths, %.1f MB in %.2f s",
