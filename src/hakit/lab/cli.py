@@ -217,16 +217,20 @@ def run_chaos_lab(
     keep: bool = False,
 ) -> chaos.Report:
     """Build the chaos lab (2 nodes, fast timing, a witness, data on 128 MB tmpfs), run the
-    faults, take it down (unless ``keep``)."""
+    faults, take it down (unless ``keep``, or the run failed: its logs are for reading)."""
     interval, timeout = PROFILES["fast"]
     with console.status("building the lab (2 nodes, a witness)…"):
         lab.up(nodes=2, interval=interval, timeout=timeout, witness=True, data_size="128M")
         agents.wait_agents(lab)
+    report = None
     try:
         start_modules(lab, console)
-        return chaos.run_chaos(lab, seed, count, kinds, progress=console.print)
+        report = chaos.run_chaos(lab, seed, count, kinds, progress=console.print)
+        return report
     finally:
-        if not keep:
+        if keep or (report is not None and not report.ok):
+            console.print(f"the lab is left up at {lab.root} (logs under it); `lab down` ends it")
+        else:
             lab.down()
 
 
