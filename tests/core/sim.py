@@ -248,6 +248,26 @@ class SimCluster(SimClock):
         for deliver in backlog:  # what its sockets and pipes kept, in order
             deliver()
 
+    def recover_all(self, limit: float = 25.0) -> None:
+        """Undo every fault (resume, heal, repair, witness up, power on), start the module
+        where it stopped, and wait for one PRIM and one SECOND (AssertionError if not)."""
+        for n in self.nodes.values():
+            if n.paused:
+                self.resume(n.name)
+        self.heal()
+        for module in self.acked:
+            self.repair_replication(module)
+        if self.witness is not None:
+            self.set_witness_down(False)
+        for name, n in self.nodes.items():
+            if not n.powered:
+                self.poweron(name)
+        self.run(8)
+        for name in self.nodes:
+            if self.state(name) == State.STOP:
+                self.command(name, Verb.START)
+        self.run_until(lambda: sorted(self.states()) == [State.PRIM, State.SECOND], limit=limit)
+
     def cut_witness(self, node: str) -> None:
         """``node`` no longer reaches the witness (nor the witness it)."""
         self.witness_cut.add(node)

@@ -229,17 +229,4 @@ def test_random_faults_with_a_witness_never_two_serving_never_a_lost_write(
     for kind, arg in ops:
         _apply(c, kind, arg)
         c.run(0.05)
-    for n in ("n1", "n2"):
-        if c.nodes[n].paused:
-            c.resume(n)
-    c.heal()
-    c.repair_replication()
-    c.set_witness_down(False)
-    for n in ("n1", "n2"):
-        if not c.nodes[n].powered:
-            c.poweron(n)
-    c.run(8)
-    for n in ("n1", "n2"):
-        if c.state(n) == State.STOP:
-            c.command(n, Verb.START)
-    c.run_until(lambda: sorted(c.states()) == [P, S], limit=25)
+    c.recover_all()

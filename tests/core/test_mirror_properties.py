@@ -107,17 +107,6 @@ def test_random_histories_keep_one_primary_lose_no_write_and_converge(
     for kind, a, b in ops:
         apply(c, kind, a, b, replicated)
         c.run(0.05)
-    # heal everything and make both nodes want the module again
-    c.heal()
-    if replicated:
-        c.repair_replication()
-    for n in ("n1", "n2"):
-        if not c.nodes[n].powered:
-            c.poweron(n)
-    c.run(8)
-    for n in ("n1", "n2"):
-        if c.state(n) == State.STOP:
-            c.command(n, Verb.START)
-    c.run_until(lambda: sorted(c.states()) == [State.PRIM, State.SECOND], limit=20)
+    c.recover_all(limit=20)  # heal everything, both nodes want the module again
     c.run(3)
     assert sorted(c.states()) == [State.PRIM, State.SECOND]

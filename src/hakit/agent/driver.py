@@ -83,26 +83,16 @@ class Agent:
         for name, module in self.config.modules.items():
             if self.node not in module.nodes:
                 continue
-            runner: ModuleRunner | FarmRunner
-            if module.farm:
-                runner = FarmRunner(
-                    module,
-                    self.config,
-                    self.node,
-                    self.store,
-                    clock=self.clock,
-                    on_change=self.send_soon.set,
-                )
-            else:
-                runner = ModuleRunner(
-                    module,
-                    self.config,
-                    self.node,
-                    self.store,
-                    clock=self.clock,
-                    on_change=self.send_soon.set,
-                    incarnation=self.incarnation,
-                )
+            kind = FarmRunner if module.farm else ModuleRunner
+            runner = kind(
+                module,
+                self.config,
+                self.node,
+                self.store,
+                clock=self.clock,
+                on_change=self.send_soon.set,
+                incarnation=self.incarnation,
+            )
             self.modules[name] = runner
             await runner.start()
         if not cfg.arbitration.arbiters and any(

@@ -70,8 +70,11 @@ class FarmRunner(RunnerBase):
         *,
         clock: Callable[[], float],
         on_change: Callable[[], None],
+        incarnation: int = 0,
     ) -> None:
-        super().__init__(module, config, node, store, clock=clock, on_change=on_change)
+        super().__init__(
+            module, config, node, store, clock=clock, on_change=on_change, incarnation=incarnation
+        )
         fc = module.config.farm
         assert fc is not None
         vip = module.config.vips[0]

@@ -72,7 +72,9 @@ class ModuleRunner(RunnerBase):
         on_change: Callable[[], None],
         incarnation: int = 0,
     ) -> None:
-        super().__init__(module, config, node, store, clock=clock, on_change=on_change)
+        super().__init__(
+            module, config, node, store, clock=clock, on_change=on_change, incarnation=incarnation
+        )
         self.peer = next(n for n in module.nodes if n != node)
         self.peers = frozenset({NodeId(self.peer)})
         cfg = module.config

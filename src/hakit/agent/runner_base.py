@@ -64,8 +64,10 @@ class RunnerBase:
         *,
         clock: Callable[[], float],
         on_change: Callable[[], None],
+        incarnation: int = 0,
     ) -> None:
         self.module = module
+        self.incarnation = incarnation  # of this agent (requests to the arbiters carry it)
         self.name = module.name
         self.node = node
         self.store = store
