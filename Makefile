@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-DEB_PACKAGES := iproute2 nftables fuse3 util-linux procps psmisc curl iputils-ping etcd-server
+DEB_PACKAGES := iproute2 nftables fuse3 util-linux procps psmisc curl iputils-ping etcd-server gcc libc6-dev
 BENCH_PACKAGES := keepalived bc fio rsync glusterfs-server glusterfs-client
 
 .PHONY: demo test lint typecheck unit integration deps venv bench-failover bench-farm bench-replication clean lab-down

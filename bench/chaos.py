@@ -46,6 +46,10 @@ def main() -> int:
     out = RESULTS / f"chaos-{time.strftime('%Y-%m-%d')}-seed{args.seed}-{args.faults}.json"
     out.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     console.print(f"report: {out}")
+    if not report.ok:  # every request, to find the faults around what went wrong
+        lines = out.with_suffix(".requests.jsonl")
+        lines.write_text("".join(json.dumps(r) + "\n" for r in report.requests))
+        console.print(f"requests: {lines}")
     console.print(f"command: .venv/bin/python bench/chaos.py {shlex.join(sys.argv[1:])}")
     return 0 if report.ok else 1
 

@@ -1,5 +1,5 @@
 """The lab's fault tools for split-brain work: a partition between the two nodes (both still
-reach the client), and a paused agent.
+reach the client), a paused agent, a full disk, two heartbeat networks and a wall-clock jump.
 
 What the agents then do is hakit's current, documented behaviour without arbitration (both
 run ALONE until the network heals; the later primary term yields): the tests mark
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import time
+from datetime import datetime, timedelta
 
 import pytest
 
@@ -17,7 +18,7 @@ from hakit.errors import LabError
 from hakit.lab import agents, faults
 from hakit.lab.lab import CLIENT, Lab
 
-from .labkit import MODULE, VIP, LabSpec, address, log_marks, log_since
+from .labkit import MODULE, VIP, LabSpec, address, last_line, log_marks, log_since, stamp
 from .test_replication_lab import Writer, records
 
 pytestmark = pytest.mark.integration
@@ -126,3 +127,30 @@ def test_a_peer_is_lost_only_when_every_heartbeat_network_has_lost_it(lab: Lab) 
         if "lost: no heartbeat" in line
     ]
     assert lost == [], lost
+
+
+def test_a_clock_jump_moves_one_nodes_wall_clock_and_nothing_else(lab: Lab) -> None:
+    """Stepping the wall clock of both nodes (an hour ahead, two hours back) changes no state:
+    every hakit deadline runs on clocks that do not jump. The agents' own log time stamps
+    show the new wall clocks, so the jump really reached them."""
+    prim, second = agents.wait_pair(lab, MODULE)
+    marks = log_marks(lab)
+    faults.clockjump(lab, prim, 3600)
+    faults.clockjump(lab, second, -7200)
+    try:
+        end = time.monotonic() + 6 * LabSpec().timeout + 1.0
+        while time.monotonic() < end:  # several heartbeat timeouts and lease renewals
+            assert agents.module_states(lab, MODULE) == {prim: "PRIM", second: "SECOND"}
+            time.sleep(0.1)
+        agents.client(lab, second).command(MODULE, "swap")  # something to log on each node
+        agents.wait_states(lab, MODULE, {prim: "SECOND", second: "PRIM"}, timeout=20)
+        lines = log_since(lab, marks)
+        now = datetime.now()
+        ahead = stamp(last_line(lines[prim], " -> "))
+        behind = stamp(last_line(lines[second], " -> "))
+        assert timedelta(minutes=55) < ahead - now < timedelta(minutes=65), ahead
+        assert timedelta(minutes=115) < now - behind < timedelta(minutes=125), behind
+    finally:
+        faults.clockjump(lab, prim, -3600)
+        faults.clockjump(lab, second, 7200)
+    agents.wait_pair(lab, MODULE, timeout=30)

@@ -49,3 +49,16 @@ def test_the_schedule_is_reproducible_and_covers_every_kind() -> None:
     assert schedule(7, 20) != schedule(8, 20)
     assert {k for k, _, _ in schedule(3, len(KINDS))} == set(KINDS)
     assert all(1.0 <= hold <= 3.0 for _, _, hold in schedule(3, 30))
+
+
+def test_log_lines_stamped_during_a_clock_jump_are_put_back_at_their_real_time() -> None:
+    # n1 is ALONE from second 01 to 05; n2's wall clock was stepped back by 4 s from real
+    # second 00 to 09, so its line stamped 03 was written at real second 07: no overlap
+    logs = {
+        "n1": [_line("01,000", "WAIT -> ALONE"), _line("05,000", "ALONE -> STOPPING_PRIM")],
+        "n2": [_line("03,000", "SECOND -> ALONE")],
+    }
+    start = _stamp(logs["n1"][0])
+    assert start is not None
+    assert len(dual_from_logs(logs, [], [])) == 1  # uncorrected, it would overlap n1's
+    assert dual_from_logs(logs, [], [], [("n2", start - 1, start + 8, -4.0)]) == []

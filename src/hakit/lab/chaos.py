@@ -6,23 +6,24 @@ client writes uniquely numbered records through the VIP; then a checker (``hakit
 ``rec-N`` (N unique) in turn to ``POST /append`` (a line appended and fsynced) and ``POST
 /sqlite`` (one committed SQLite transaction) of the demo application, through the VIP. It
 prints one JSON line per request: id, kind, acknowledged or not, the answering node and its
-``X-Acked-At`` time (the lab is one machine: one wall clock for every node).
+``X-Acked-At`` time.
 
 **Faults** (:data:`KINDS`), drawn from a seeded :class:`random.Random` (same seed, same
 schedule), each on the primary or the secondary: ``poweroff`` (then poweron), ``cut`` (a node
 unplugged from everything, then healed), ``partition`` (the nodes cut from each other, both
 still reach the witness and the client), ``pause`` (the agent SIGSTOPped, then resumed),
 ``replkill`` (the replication process SIGKILLed; the agent restarts it), ``diskfull`` (the
-node's data file system filled, then freed) and ``swap`` (during load). Each is held for a
-random 1–3 s, undone, and the pair must be PRIM + SECOND again within ``recover`` seconds.
-``clockjump`` is not among them: see docs/split-brain.md ("Clock jumps").
+node's data file system filled, then freed), ``clockjump`` (the node's wall clock stepped by
+one of :data:`JUMPS`, then back) and ``swap`` (during load). Each is held for a random
+1–3 s, undone, and the pair must be PRIM + SECOND again within ``recover`` seconds.
 
 **Checker** (:func:`analyze`), once everything healed and the writer stopped:
 
 - *lost*: acknowledged records missing on the final primary (append file or database) — 0;
 - *unexpected*: records there that the client never sent, or twice — 0;
-- *dual primary*: from the client, acknowledgements by one node, then the other, then the
-  first again within :data:`FLIP_WINDOW` seconds; from the agent logs, overlapping periods in
+- *dual primary*: from the client (its own clock), acknowledgements by one node, then the
+  other, then the first again within :data:`FLIP_WINDOW` seconds; from the agent logs (their
+  time stamps corrected for the clock jumps), overlapping periods in
   which both nodes were PRIM or ALONE (a paused agent's period ends when it was paused: it
   cannot act, its replicator holds every change, and its first act once resumed is to fence) —
   0;
@@ -45,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -55,7 +56,8 @@ from hakit.errors import LabError
 from hakit.lab import agents, faults, netns
 from hakit.lab.lab import Lab
 
-KINDS = ("poweroff", "cut", "partition", "pause", "replkill", "diskfull", "swap")
+KINDS = ("poweroff", "cut", "partition", "pause", "replkill", "diskfull", "clockjump", "swap")
+JUMPS = (3600.0, -7200.0, 86400.0, -600.0)  # wall-clock steps of clockjump, in turn
 MODULE = "mirror-demo"
 VIP = "192.0.2.100"
 APP_PORT = 8080
@@ -118,6 +120,7 @@ class Report:
     differences: int = -1  # hakit verify on the final pair (-1: could not run)
     not_recovered: int = 0
     duration: float = 0.0
+    requests: list[dict[str, Any]] = field(default_factory=list)  # every request, for diagnosis
 
     @property
     def ok(self) -> bool:
@@ -145,6 +148,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        del d["requests"]  # large: written apart when asked (bench/chaos.py on a failure)
         d["ok"] = self.ok
         d["by_kind"] = self.by_kind()
         return d
@@ -208,8 +212,9 @@ def replicator_pid(lab: Lab, node: str) -> int | None:
     return None
 
 
-def inject(lab: Lab, kind: str, node: str, peer: str) -> Callable[[], None]:
-    """Apply one fault to ``node``; return what undoes it."""
+def inject(lab: Lab, kind: str, node: str, peer: str, jump: float = 0.0) -> Callable[[], None]:
+    """Apply one fault to ``node``; return what undoes it (``jump``: seconds of a
+    clockjump)."""
     if kind == "poweroff":
         lab.poweroff(node)
         return lambda: (lab.poweron(node), None)[1]
@@ -230,6 +235,9 @@ def inject(lab: Lab, kind: str, node: str, peer: str) -> Callable[[], None]:
     if kind == "diskfull":
         faults.diskfull(lab, node)
         return lambda: (faults.diskfree(lab, node), None)[1]
+    if kind == "clockjump":
+        faults.clockjump(lab, node, jump)
+        return lambda: (faults.clockjump(lab, node, -jump), None)[1]
     if kind == "swap":
         agents.client(lab, node).command(MODULE, "swap")
         return lambda: None
@@ -251,6 +259,7 @@ def run_chaos(  # noqa: PLR0917
     marks = {n: _log_size(lab, n) for n in lab.state().nodes}
     paused: list[tuple[str, float, float]] = []  # (node, paused at, resumed at)
     powered_off: list[tuple[str, float]] = []
+    shifts: list[tuple[str, float, float, float]] = []  # (node, from, to, seconds)
     work = Workload(lab)
     time.sleep(1.0)
     for i, (kind, role, hold) in enumerate(schedule(seed, count, kinds)):
@@ -265,7 +274,8 @@ def run_chaos(  # noqa: PLR0917
         prim, second = pair
         node, peer = (prim, second) if role == "primary" else (second, prim)
         f = Fault(i + 1, kind, role, node, time.time())
-        undo = inject(lab, kind, node, peer)
+        jump = JUMPS[sum(1 for x in report.faults if x.kind == "clockjump") % len(JUMPS)]
+        undo = inject(lab, kind, node, peer, jump)
         time.sleep(hold)
         f.undone = time.time()
         undo()
@@ -273,6 +283,9 @@ def run_chaos(  # noqa: PLR0917
             paused.append((node, f.start, f.undone))
         if kind == "poweroff":
             powered_off.append((node, f.start))
+        if kind == "clockjump":
+            shifts.append((node, f.start, f.undone, jump))
+            f.note = f"wall clock {jump:+g} s"
         if _pair(lab, recover) is not None:
             f.recovered = time.time()
         else:
@@ -286,7 +299,7 @@ def run_chaos(  # noqa: PLR0917
             f"{f.outage:.2f} s{'; ' + f.note if f.note else ''}"
         )
     time.sleep(1.0)
-    requests = work.stop()
+    requests = report.requests = work.stop()
     final = _pair(lab, recover)
     if final is None:
         _put_right(lab)
@@ -298,7 +311,7 @@ def run_chaos(  # noqa: PLR0917
         time.sleep(0.5)
         _check(lab, final[0], requests, report)
     logs = {n: _log_since(lab, n, marks[n]) for n in lab.state().nodes}
-    report.dual_logs = dual_from_logs(logs, paused, powered_off)
+    report.dual_logs = dual_from_logs(logs, paused, powered_off, shifts)
     report.duration = time.time() - started
     return report
 
@@ -333,10 +346,11 @@ def analyze(
     sent = {("append" if r["kind"] == "append" else "sqlite", f"rec-{r['id']}") for r in requests}
     acked = [r for r in requests if r["ok"]]
     present = {"append": appended, "sqlite": rows}
+    found = {kind: set(recs) for kind, recs in present.items()}
     lost = [
         f"{r['kind']} rec-{r['id']} (acknowledged by {r['node']})"
         for r in acked
-        if f"rec-{r['id']}" not in set(present[r["kind"]])
+        if f"rec-{r['id']}" not in found[r["kind"]]
     ]
     unexpected = []
     for kind, recs in present.items():
@@ -352,7 +366,7 @@ def analyze(
 
 def flips(acked: list[dict[str, Any]]) -> list[str]:
     """Acknowledgements by A, then B, then A again within FLIP_WINDOW seconds. Pure."""
-    order = sorted((r["acked_at"] or r["t1"], r["node"]) for r in acked)
+    order = sorted((r["t1"], r["node"]) for r in acked)  # the client's clock never jumps
     out = []
     runs: list[tuple[str, float, float]] = []  # (node, first ack, last ack)
     for t, node in order:
@@ -371,8 +385,11 @@ def dual_from_logs(
     logs: dict[str, list[str]],
     paused: list[tuple[str, float, float]],
     powered_off: list[tuple[str, float]],
+    shifts: Sequence[tuple[str, float, float, float]] = (),
 ) -> list[str]:
-    """Overlapping PRIM/ALONE periods of the two nodes in their agent logs. Pure."""
+    """Overlapping PRIM/ALONE periods of the two nodes in their agent logs. A line stamped
+    while its node's wall clock was stepped by S seconds (``shifts``: node, from, to, S) is
+    put back at its real time. Pure."""
     periods: dict[str, list[tuple[float, float]]] = {}
     for node, lines in logs.items():
         cuts = sorted(
@@ -383,6 +400,9 @@ def dual_from_logs(
             t = _stamp(line)
             if t is None or " -> " not in line:
                 continue
+            for n, t0, t1, s in shifts:
+                if n == node and t0 + s - 0.5 <= t <= t1 + s + 0.5:
+                    t -= s
             while begin is not None and cuts and cuts[0] < t:
                 spans.append((begin, cuts.pop(0)))  # powered off or paused: ends there
                 begin = None

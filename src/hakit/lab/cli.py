@@ -90,6 +90,9 @@ def add_lab_parser(sub: Any) -> None:
     ):
         p = ls.add_parser(verb, help=text)
         p.add_argument("node")
+    cj = ls.add_parser("clockjump", help="step a node's wall clock by SECONDS (negative: back)")
+    cj.add_argument("node")
+    cj.add_argument("seconds", type=float)
     pr = ls.add_parser("probe", help="the client calls the VIP every 10 ms and reports outages")
     pr.add_argument("--seconds", type=float, default=10.0)
     pr.add_argument("--target", default=None, help="ADDRESS:PORT (default: first module's VIP)")
@@ -169,6 +172,10 @@ def run_lab(args: argparse.Namespace, console: Console) -> int:
     if cmd in ("pause", "resume"):
         pid = getattr(faults, cmd)(lab, args.node)
         console.print(f"{args.node}: agent (pid {pid}) {cmd}d")
+        return 0
+    if cmd == "clockjump":
+        offset = faults.clockjump(lab, args.node, args.seconds)
+        console.print(f"{args.node}: wall clock stepped by {args.seconds:+g} s (now {offset:+g} s)")
         return 0
     if cmd == "diskfull":
         taken = faults.diskfull(lab, args.node)

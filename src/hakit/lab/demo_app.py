@@ -59,12 +59,22 @@ class DemoServer(ThreadingHTTPServer):
         self.write_lock = threading.Lock()
 
     def append(self, line: bytes) -> None:
-        """Append ``line`` + newline to the records file and fsync it before returning."""
+        """Append ``line`` + newline to the records file and fsync it before returning. A
+        write may be short (a full disk): the rest is written, or the file is cut back to
+        where it was and the error raised, so that no torn record is ever acknowledged."""
+        data = line + b"\n"
         with self.write_lock:
             fd = os.open(self.records, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, line + b"\n")
-                os.fsync(fd)
+                start = os.fstat(fd).st_size
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view) :]
+                    os.fsync(fd)
+                except OSError:
+                    os.ftruncate(fd, start)  # no half record left behind
+                    raise
             finally:
                 os.close(fd)
 

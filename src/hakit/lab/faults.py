@@ -1,5 +1,5 @@
-"""Fault tools of the lab beyond power and cables: a partition between two nodes, and a
-paused agent.
+"""Fault tools of the lab beyond power and cables: a partition between two nodes, a paused
+agent, a full disk and a wall-clock jump.
 
 - :func:`partition` cuts the traffic between two nodes only, on every lab network: the
   switch (a bridge in namespace ``hksw``) drops the frames it would forward from one node's
@@ -11,6 +11,10 @@ paused agent.
 - :func:`pause` / :func:`resume` send SIGSTOP / SIGCONT to a node's agent, by the PID the lab
   started it with, after checking that the PID still lives in that node's namespace: the
   application and the replicator keep running, the agent sends and reads nothing.
+- :func:`clockjump` steps one node's wall clock: every process the lab starts on a node runs
+  with ``clockshift.c`` preloaded (compiled into the lab root at ``lab up``), which adds the
+  offset in ``<root>/<node>/clock.shift`` to ``CLOCK_REALTIME`` — as an NTP step would,
+  without touching the shared machine's clock.
 
 Every ``nft`` call runs inside the switch namespace (never in the root namespace).
 """
@@ -18,6 +22,7 @@ Every ``nft`` call runs inside the switch namespace (never in the root namespace
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import time
@@ -27,6 +32,8 @@ from typing import TYPE_CHECKING
 from hakit.errors import LabError
 from hakit.lab import netns
 from hakit.system.run import run
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from hakit.lab.lab import Lab
@@ -173,3 +180,57 @@ def _agent_pid(lab: Lab, node: str) -> int:
     if n.agent_pid not in netns.namespace_pids(n.namespace):
         raise LabError(f"{node}: agent PID {n.agent_pid} is not running in {n.namespace}")
     return n.agent_pid
+
+
+# --- wall-clock jumps (clockshift.c) ----------------------------------------------------------
+
+CLOCKSHIFT = "clockshift.so"
+
+
+def build_clockshift(lab: Lab) -> Path | None:
+    """Compile the wall-clock shim into the lab root (``cc``); None, logged, if that fails:
+    ``lab clockjump`` then says why it cannot work."""
+    out = lab.root / CLOCKSHIFT
+    source = Path(__file__).with_name("clockshift.c")
+    argv = ["cc", "-shared", "-fPIC", "-O2", "-o", str(out), str(source), "-ldl"]
+    try:
+        done = run(argv, timeout=60, check=False)
+    except OSError as exc:
+        log.warning("no C compiler (%s): `lab clockjump` will not work", exc)
+        return None
+    if not done.ok:
+        log.warning("clockshift.c did not compile: %s", done.stderr.strip()[-500:])
+        return None
+    return out
+
+
+def clock_env(lab: Lab, node: str) -> dict[str, str]:
+    """The environment that lets ``clockjump`` move ``node``'s wall clock (empty without
+    the shim)."""
+    shim = lab.root / CLOCKSHIFT
+    if not shim.exists():
+        return {}
+    return {
+        "LD_PRELOAD": str(shim),
+        "HAKIT_CLOCK_SHIFT_FILE": str(lab.root / node / "clock.shift"),
+    }
+
+
+def clockjump(lab: Lab, node: str, seconds: float) -> float:
+    """Step ``node``'s wall clock by ``seconds`` (negative: back), as seen by every process
+    started on it (agent, replicator, application); returns the node's offset now. The
+    monotonic and boot-time clocks do not move (they never jump)."""
+    _agent_pid(lab, node)  # a running node of this lab
+    env = clock_env(lab, node)
+    if not env:
+        raise LabError("this lab has no clock shim (no C compiler at `lab up`): cannot jump")
+    path = Path(env["HAKIT_CLOCK_SHIFT_FILE"])
+    try:
+        now = float(path.read_text().strip() or 0)
+    except FileNotFoundError:
+        now = 0.0
+    offset = now + seconds
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(f"{offset:.6f}\n")
+    tmp.replace(path)  # whole: the shim never reads half a number
+    return offset

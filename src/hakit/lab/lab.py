@@ -439,6 +439,7 @@ class Lab:
             witness=witness,
         )
         self._save(state)  # first, so that down() can clean up after a crash from here on
+        faults.build_clockshift(self)
         try:
             netns.add_switch(networks)
             for node in state.nodes.values():
@@ -517,6 +518,7 @@ class Lab:
         if host != CLIENT:
             env["HAKIT_CONFIG"] = str(self.config_path(host))
             env["HAKIT_NODE"] = host
+            env.update(faults.clock_env(self, host))  # `lab clockjump` moves its wall clock
         return env
 
     def _start_agent(self, node: str) -> int:

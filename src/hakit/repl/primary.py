@@ -282,23 +282,26 @@ class PrimaryReplicator:
         try:
             reply = ticket.pending.wait()
         except ReplicaLost as exc:
-            with self.order:
-                if self.link is ticket.link:
-                    self._degrade_locked(str(exc))
-                self._track(ticket.keys, None, False)
-            self._await_permit()
+            self._not_applied(ticket, str(exc))
             return
         if reply.err:
-            why = f"secondary could not apply {ticket.what}: {reply.message}"
-            with self.order:
-                mine = self.link is ticket.link
-                if mine:
-                    self._degrade_locked(why)
-                self._track(ticket.keys, None, False)
-            if mine:
-                assert ticket.link is not None
-                ticket.link.close(why)  # outside the order lock: closing calls back into us
-            self._await_permit()
+            self._not_applied(ticket, f"secondary could not apply {ticket.what}: {reply.message}")
+
+    def _not_applied(self, ticket: Ticket, why: str) -> None:
+        """The secondary did not apply a change (lost link, or an error such as a full disk,
+        maybe after writing part of it): run alone, track the change for the resync, then wait
+        for its permit. The link to drop is the ticket's if it is still current — or a NEWER
+        link already in sync (its resync ended before this answer came): only a new resync
+        can carry the change now, or the secondary would keep a torn copy."""
+        with self.order:
+            current = self.link
+            drop = current if current is ticket.link or self.mode == Mode.SYNC else None
+            if drop is not None:
+                self._degrade_locked(why)
+            self._track(ticket.keys, None, False)
+        if drop is not None:
+            drop.close(why)  # outside the order lock: closing calls back into us
+        self._await_permit()
 
     # ------------------------------------------------------------------ internals
     def _track(self, keys: tuple[Key, ...], rng: tuple[int, int] | None, tree: bool) -> None:
