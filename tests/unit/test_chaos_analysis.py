@@ -52,13 +52,34 @@ def test_the_schedule_is_reproducible_and_covers_every_kind() -> None:
 
 
 def test_log_lines_stamped_during_a_clock_jump_are_put_back_at_their_real_time() -> None:
-    # n1 is ALONE from second 01 to 05; n2's wall clock was stepped back by 4 s from real
-    # second 00 to 09, so its line stamped 03 was written at real second 07: no overlap
+    # n1 is ALONE from 10:00:01 to 10:00:05. n2's wall clock was an hour ahead from real
+    # 10:00:00 to 10:00:09: its line stamped 11:00:03 was written at 10:00:03 (an overlap);
+    # the line before it, 10:00:00, was written before the jump
     logs = {
         "n1": [_line("01,000", "WAIT -> ALONE"), _line("05,000", "ALONE -> STOPPING_PRIM")],
-        "n2": [_line("03,000", "SECOND -> ALONE")],
+        "n2": [
+            _line("00,000", "STARTING_SECOND -> SECOND"),
+            _line("03,000", "SECOND -> ALONE").replace(" 10:00:", " 11:00:"),
+        ],
     }
     start = _stamp(logs["n1"][0])
     assert start is not None
-    assert len(dual_from_logs(logs, [], [])) == 1  # uncorrected, it would overlap n1's
-    assert dual_from_logs(logs, [], [], [("n2", start - 1, start + 8, -4.0)]) == []
+    assert dual_from_logs(logs, [], []) == []  # taken as written, an hour later: no overlap
+    found = dual_from_logs(logs, [], [], [("n2", start - 1, start + 8, 3600.0)])
+    assert len(found) == 1
+    # a later real line inside the stamp window of an earlier jump stays where it is
+    later = {**logs, "n2": [*logs["n2"], _line("59,000", "ALONE -> STOPPING_PRIM")]}
+    jump_before = [("n2", start - 3601, start - 3592, 3600.0), ("n2", start - 1, start + 8, 3600.0)]
+    assert len(dual_from_logs(later, [], [], jump_before)) == 1
+
+
+def test_a_pause_or_power_off_before_a_period_does_not_end_it() -> None:
+    logs = {
+        "n1": [_line("05,000", "WAIT -> ALONE"), _line("06,000", "ALONE -> STOPPING_PRIM")],
+        "n2": [_line("08,000", "SECOND -> ALONE")],
+    }
+    start = _stamp(logs["n1"][0])
+    assert start is not None
+    # n1 was powered off at second 01, long before its period 05-06: the period still ends
+    # at 06, and does not overlap n2's from 08
+    assert dual_from_logs(logs, [], [("n1", start - 4.0)]) == []

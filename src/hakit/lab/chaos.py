@@ -395,17 +395,25 @@ def dual_from_logs(
         cuts = sorted(
             [t for n, t in powered_off if n == node] + [t for n, t, _ in paused if n == node]
         )
-        spans, begin = [], None
+        spans, begin, prev = [], None, float("-inf")
+        windows = [(t0 + s - 0.5, t1 + s + 0.5, s) for n, t0, t1, s in shifts if n == node]
         for line in lines:
-            t = _stamp(line)
-            if t is None or " -> " not in line:
+            stamp = _stamp(line)
+            if stamp is None:
                 continue
-            for n, t0, t1, s in shifts:
-                if n == node and t0 + s - 0.5 <= t <= t1 + s + 0.5:
-                    t -= s
-            while begin is not None and cuts and cuts[0] < t:
-                spans.append((begin, cuts.pop(0)))  # powered off or paused: ends there
-                begin = None
+            # its real time: the stamp, or the stamp less a jump whose window holds it. A log
+            # is written in order: the earliest candidate not before the line before (jumps
+            # are minutes to days, far more than the time between two lines)
+            candidates = [stamp] + [stamp - s for lo, hi, s in windows if lo <= stamp <= hi]
+            t = min((c for c in candidates if c >= prev - 0.5), default=stamp)
+            prev = t
+            if " -> " not in line:
+                continue
+            while cuts and cuts[0] < t:  # powered off or paused: an open period ends there
+                cut = cuts.pop(0)
+                if begin is not None and cut >= begin:
+                    spans.append((begin, cut))
+                    begin = None
             target = line.split(" -> ", 1)[1].split(" ", 1)[0]
             if target in ("PRIM", "ALONE") and begin is None:
                 begin = t
