@@ -298,9 +298,9 @@ class EtcdArbiter:
     def _call(self, path: str, body: dict[str, Any], deadline: float) -> dict[str, Any]:
         """POST ``body`` to the first endpoint that answers, from the last one that did."""
         data = json.dumps(body).encode()
-        count = len(self.endpoints)
+        count, first = len(self.endpoints), self._good
         for i in range(count):
-            index = (self._good + i) % count
+            index = (first + i) % count
             # each endpoint gets its share of the time left: one that drops packets must not
             # eat the whole request; and the next request starts with the next endpoint
             left = (deadline - time.monotonic()) / (count - i)
