@@ -202,7 +202,7 @@ class ModuleRunner(RunnerBase):
                 self._ask_all(action)
             case PermitAlone(generation=generation):
                 if self.replica is not None:
-                    await self.replica.permit(generation)
+                    self.replica.permit(generation)
             case StartCheckers():
                 self._start_checkers()
             case StopCheckers():

@@ -140,26 +140,22 @@ class ReplicaProcess:
     def fence_at(self, deadline: float) -> None:
         """Set the primary replicator's watchdog (``FenceAt``) at once: written without
         waiting, so that it never queues behind a slow action."""
-        proc = self.proc
-        if proc is None or proc.returncode is not None or proc.stdin is None:
-            return
-        try:
-            proc.stdin.write((json.dumps({"cmd": "fence_at", "t": deadline}) + "\n").encode())
-        except (ConnectionError, BrokenPipeError) as exc:
-            log.warning("module %s: watchdog deadline not sent: %s", self.module, exc)
+        self._notify({"cmd": "fence_at", "t": deadline})
 
-    async def permit(self, generation: int) -> None:
+    def permit(self, generation: int) -> None:
         """Tell the primary's replicator it may acknowledge unreplicated changes up to
-        ``generation`` (no answer; a replicator that died will be told again)."""
+        ``generation`` (a replicator that died will be told again)."""
+        self._notify({"cmd": "permit", "generation": generation})
+
+    def _notify(self, obj: dict[str, Any]) -> None:
+        """Write one command that has no answer (the pipe's buffer takes it at once)."""
         proc = self.proc
         if proc is None or proc.returncode is not None or proc.stdin is None:
             return
-        line = json.dumps({"cmd": "permit", "generation": generation}) + "\n"
         try:
-            proc.stdin.write(line.encode())
-            await proc.stdin.drain()
+            proc.stdin.write((json.dumps(obj) + "\n").encode())
         except (ConnectionError, BrokenPipeError) as exc:
-            log.warning("module %s: permit not sent to the replicator: %s", self.module, exc)
+            log.warning("module %s: %s not sent to the replicator: %s", self.module, obj, exc)
 
     async def compare(self, checksums: bool, timeout: float = 3600.0) -> dict[str, Any]:
         """Run ``verify`` (with checksums) or ``diff`` in the replicator; its answer."""

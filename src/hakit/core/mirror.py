@@ -747,9 +747,9 @@ class MirrorMachine:
         if new == State.STARTING_PRIM:
             self.fenced = False
             self.replica_fenced = ""
-        if new == State.STARTING_PRIM and old != State.STOPPING_PRIM and self.arb.enabled:
-            self.lease = self.arb.tokens(now)  # persisted below, carried by heartbeats
         if new == State.STARTING_PRIM and old != State.STOPPING_PRIM:
+            if self.arb.enabled:
+                self.lease = self.arb.tokens(now)  # persisted below, carried by heartbeats
             self.epoch = max(self.epoch, self.peer.epoch if self.peer else 0) + 1
             self.primary_epoch = self.epoch
         if new == State.WAIT:

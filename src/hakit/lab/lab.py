@@ -522,26 +522,34 @@ class Lab:
         return env
 
     def _start_agent(self, node: str) -> int:
-        ns = f"hk{node}"
-        argv = netns.in_namespace(ns, self.agent_argv(node, self.config_path(node)))
-        with (self.root / node / "agent.log").open("ab") as out:
-            # Not run(): the agent is detached and outlives this call (and this process).
+        argv = self.agent_argv(node, self.config_path(node))
+        pid = self.spawn(f"hk{node}", argv, self.root / node, "agent.log", self.env(node))
+        log.info("agent of %s started: pid %d", node, pid)
+        return pid
+
+    def spawn(
+        self,
+        namespace: str,
+        argv: Sequence[str],
+        home: Path,
+        log_name: str,
+        env: Mapping[str, str] | None = None,
+    ) -> int:
+        """Start a detached process in ``namespace`` (cwd ``home``, output appended to
+        ``home/log_name``); its PID, remembered so that it is reaped once it ends."""
+        with (home / log_name).open("ab") as out:
+            # Not run(): the process is detached and outlives this call (and this process).
             proc = subprocess.Popen(
-                argv,
+                netns.in_namespace(namespace, argv),
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env=self.env(node),
-                cwd=self.root / node,
+                env=env,
+                cwd=home,
                 start_new_session=True,
             )
         self._children[proc.pid] = proc
-        log.info("agent of %s started: pid %d", node, proc.pid)
         return proc.pid
-
-    def register_child(self, proc: subprocess.Popen[bytes]) -> None:
-        """Remember a process this lab started (reaped once it ends)."""
-        self._children[proc.pid] = proc
 
     def _reap(self) -> None:
         for pid, proc in list(self._children.items()):

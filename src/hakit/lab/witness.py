@@ -9,7 +9,6 @@ Its state file is ``<root>/client/witness.json`` (created at the first start); i
 from __future__ import annotations
 
 import logging
-import subprocess
 from typing import TYPE_CHECKING
 
 from hakit.lab import netns
@@ -33,16 +32,6 @@ def start(lab: Lab) -> int:
     argv += ["--listen", f"{address}:{WITNESS_PORT}", "--state", str(state_file)]
     if not state_file.exists():
         argv.append("--new")
-    with (home / "witness.log").open("ab") as out:
-        # detached like an agent: it outlives this call (lab down ends it by PID)
-        proc = subprocess.Popen(
-            netns.in_namespace(netns.CLIENT_NS, argv),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            cwd=home,
-            start_new_session=True,
-        )
-    lab.register_child(proc)
-    log.info("witness started on %s:%d: pid %d", address, WITNESS_PORT, proc.pid)
-    return proc.pid
+    pid = lab.spawn(netns.CLIENT_NS, argv, home, "witness.log")  # lab down ends it by PID
+    log.info("witness started on %s:%d: pid %d", address, WITNESS_PORT, pid)
+    return pid
