@@ -8,6 +8,7 @@ import os
 import socket
 import ssl
 import struct
+import subprocess
 import termios
 import threading
 import time
@@ -187,6 +188,46 @@ def test_large_writes_pass_through_the_big_buffer(sec: Secondary) -> None:
     done.join()
     assert [r.err for r in replies] == [0, 0, 0, 0]
     assert (sec.root / "big").read_bytes() == b"".join(chunks)
+
+
+def _resident(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
+    out = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return int(out.stdout.split()[0])
+
+
+def test_bulk_writes_go_past_the_page_cache_and_keep_every_byte(sec: Secondary) -> None:
+    c = sec.client()
+    c.hello()
+    c.call(Request(Op.CREATE, b"f", a=0o644))
+    c.call(Request(Op.CREATE, b"g", a=0o644))
+    head = os.urandom(4096)
+    assert c.call(write(b"f", head, 8192)).err == 0  # a dirty page the direct write covers
+    parts = [  # (offset, data): aligned with an unaligned tail; unaligned start; overwrite
+        (0, os.urandom((3 << 20) + 5)),
+        ((3 << 20) + 5, os.urandom(STREAM_SIZE * 2 + 1)),
+        (4096, os.urandom(STREAM_SIZE)),
+    ]
+    for offset, data in parts:
+        req = Request(Op.WRITE, b"f", data=data, a=offset, flags=p.FLAG_BULK)
+        assert c.call(req).err == 0
+    want = bytearray()
+    for offset, data in parts:
+        want[offset : offset + len(data)] = data
+    assert (sec.root / "f").read_bytes() == bytes(want)
+    # the same bytes through the page cache, then as resync data (tmp_path is on disk)
+    data = os.urandom(4 << 20)
+    assert c.call(write(b"g", data, 0)).err == 0
+    assert c.call(Request(Op.WRITE, b"g", data=data, a=0, flags=p.FLAG_BULK)).err == 0
+    assert _resident(sec.root / "g") == 0, "resync data is written with O_DIRECT"
+    assert c.call(write(b"g", data, 0)).err == 0
+    assert _resident(sec.root / "g") == len(data), "live writes go through the page cache"
+    assert (sec.root / "g").read_bytes() == data
 
 
 def test_large_write_errors_are_answered_and_the_stream_stays_in_step(sec: Secondary) -> None:

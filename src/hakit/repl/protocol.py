@@ -31,7 +31,7 @@ Contracts:
 Field use per operation (``a``, ``b``, ``c``, ``d`` are signed 64-bit)::
 
     HELLO        data=JSON hello                       reply data=JSON hello
-    WRITE        path a=offset b=mtime data=bytes
+    WRITE        path a=offset b=mtime data=bytes    (flags=FLAG_BULK: resync data)
     TRUNCATE     path a=length b=mtime
     FALLOCATE    path a=offset b=length c=mode(flags) d=mtime
     CREATE       path a=mode b=mtime c=owner d=pmtime   (regular file, replaces a stale one)
@@ -76,6 +76,9 @@ from typing import Any
 
 PROTOCOL_VERSION = 3  # 2: META carries the xattr set, RENAME may exchange; 3: HELLO term
 KEEP = -1  # "leave this field as it is" (owner, times)
+#: WRITE flag: resync data, which no application waits for and END_RESYNC flushes; the
+#: secondary may write it past its page cache (O_DIRECT), overlapping disk and network
+FLAG_BULK = 1
 
 # seq, op, flags, root, len(path), len(path2), len(data), a, b, c, d
 REQ = struct.Struct("!QBBHHHIqqqq")

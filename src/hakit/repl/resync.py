@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hakit.repl.resync")
 
-CHUNK = 1 << 20
+CHUNK = 4 << 20  # bytes per WRITE of file data (read under the order lock)
 WINDOW = 32 << 20  # bytes queued per worker before it waits for replies
 MAX_XATTRS = 1 << 20  # bytes of one object's xattr set a resync sends, at most
 
@@ -363,7 +363,15 @@ class Resync:
                         mtime = os.fstat(fd).st_mtime_ns
                         sends.append(
                             self._submit(
-                                p.Request(p.Op.WRITE, path, root=root, data=data, a=off, b=mtime)
+                                p.Request(
+                                    p.Op.WRITE,
+                                    path,
+                                    root=root,
+                                    data=data,
+                                    a=off,
+                                    b=mtime,
+                                    flags=p.FLAG_BULK,
+                                )
                             )
                         )
                     off += len(data)

@@ -18,7 +18,10 @@ Threads (no asyncio):
 - a **writer thread** per connection, for WRITEs of :data:`STREAM_SIZE` bytes or more:
   it ``pwrite``s each piece of the data as soon as it has arrived, while the connection
   thread receives the next one; the reply is queued once every piece is written (then the
-  mtime is set, as for any WRITE). Nothing else is applied meanwhile.
+  mtime is set, as for any WRITE). Nothing else is applied meanwhile. Resync data
+  (``FLAG_BULK``) is written with ``O_DIRECT`` where the file system allows it (aligned
+  pieces; the unaligned tail and any refused piece through the page cache): the disk works
+  while the data arrives, instead of in END_RESYNC's flush, and no CPU goes to page copies.
 - a **flusher thread** per connection runs ``syncfs`` on the replicated file systems for
   SYNCFS requests (several waiting requests share one flush) and hands the replies back to
   the connection thread, which goes on applying meanwhile. A SYNCFS reply is only queued
@@ -53,6 +56,7 @@ import collections
 import contextlib
 import errno
 import logging
+import mmap
 import os
 import queue
 import select
@@ -76,6 +80,8 @@ DRAIN_TIMEOUT = 2.0  # seconds at most to read what is still arriving after a st
 BUFFER_SIZE = 1 << 20  # receive buffer; frames with more data use a MAX_DATA buffer
 STREAM_SIZE = 256 << 10  # WRITEs with this much data are written while they arrive
 STREAM_CHUNK = 256 << 10  # handed to the writer thread at a time
+DIRECT_CHUNK = 1 << 20  # pieces of an O_DIRECT stream (one disk write each)
+DIRECT_ALIGN = 4096  # O_DIRECT pieces: file offset, length and buffer address multiples
 FLUSH_SIZE = 256 << 10  # bytes of queued replies sent even if more requests are buffered
 MAX_OPENING = 4  # connections allowed in handshake at once; more are closed at once
 KEEPALIVE = (10, 5, 3)  # TCP keepalive: idle seconds, interval seconds, probes
@@ -114,7 +120,7 @@ class _Reader:
     def __init__(self, recv_into: Callable[[memoryview], int]) -> None:
         self._recv_into = recv_into
         self._view = memoryview(bytearray(BUFFER_SIZE))
-        self._big: memoryview | None = None
+        self._big: memoryview | None = None  # page-aligned (mmap): O_DIRECT writes from it
         self._streaming = 0  # data bytes of the frame returned for stream()
         self._lo = self._hi = 0
         self.partial = False  # the stream ended inside a frame
@@ -132,6 +138,11 @@ class _Reader:
                 return False
             self._hi += got
         return True
+
+    def _big_buffer(self, n: int) -> memoryview:
+        if self._big is None:
+            self._big = memoryview(mmap.mmap(-1, p.MAX_DATA))
+        return self._big[:n]
 
     def _take(self, n: int) -> memoryview:
         view = self._view[self._lo : self._lo + n]
@@ -158,9 +169,7 @@ class _Reader:
                 return None
             data = self._take(n)
         else:
-            if self._big is None:
-                self._big = memoryview(bytearray(p.MAX_DATA))
-            data = self._big[:n]
+            data = self._big_buffer(n)
             have = min(n, self._hi - self._lo)
             data[:have] = self._take(have)
             while have < n:
@@ -171,21 +180,22 @@ class _Reader:
         self.partial = False
         return head, path, path2, data
 
-    def stream(self, consume: Callable[[memoryview, int], None]) -> bool:
+    def stream(self, consume: Callable[[memoryview, int], None], align: int = 1) -> bool:
         """The data of the frame :meth:`frame` returned without it, piece by piece:
         ``consume(view, offset in the data)``, each view valid until the next :meth:`frame`.
-        False if the stream ended first (what was consumed stays consumed)."""
+        Every piece but the last is a multiple of ``align`` bytes long (and starts at such an
+        offset of a page-aligned buffer). False if the stream ended first (what was consumed
+        stays consumed)."""
         n, self._streaming = self._streaming, 0
-        if self._big is None:
-            self._big = memoryview(bytearray(p.MAX_DATA))
-        data = self._big[:n]
+        data = self._big_buffer(n)
         have = min(n, self._hi - self._lo)
         data[:have] = self._take(have)
-        handed = 0
+        handed, piece = 0, STREAM_CHUNK if align == 1 else DIRECT_CHUNK
         while True:
-            if have - handed >= STREAM_CHUNK or (have == n and have > handed):
-                consume(data[handed:have], handed)
-                handed = have
+            upto = have if have == n else have - (have - handed) % align
+            if upto - handed >= piece or (have == n and have > handed):
+                consume(data[handed:upto], handed)
+                handed = upto
             if have == n:
                 self.partial = False
                 return True
@@ -196,14 +206,19 @@ class _Reader:
 
 
 class _Writer(threading.Thread):
-    """``pwrite``s the pieces of a streamed WRITE put in :attr:`jobs` (None ends it)."""
+    """``pwrite``s the pieces of a streamed WRITE put in :attr:`jobs` (None ends it): each is
+    ``(fd, direct_fd, view, offset)``; an aligned piece goes to ``direct_fd`` (``O_DIRECT``)
+    unless it is -1, any other piece to ``fd``. A direct write the kernel refuses (EINVAL:
+    alignment the file system does not take) is done through ``fd``, and so is every later
+    piece of that stream."""
 
     def __init__(self) -> None:
         super().__init__(name="repl-write", daemon=True)
-        self.jobs: queue.SimpleQueue[tuple[int, memoryview, int] | _thread.LockType | None] = (
+        self.jobs: queue.SimpleQueue[tuple[int, int, memoryview, int] | _thread.LockType | None] = (
             queue.SimpleQueue()
         )
         self._error: OSError | None = None
+        self._refused = -1  # the direct descriptor EINVAL came from
         self.start()
 
     def run(self) -> None:
@@ -211,15 +226,33 @@ class _Writer(threading.Thread):
             if not isinstance(job, tuple):
                 job.release()
                 continue
-            fd, view, offset = job
+            fd, direct_fd, view, offset = job
             if self._error is not None:
                 continue  # the rest of a failed write is dropped
             try:
+                if direct_fd >= 0 and direct_fd != self._refused:
+                    view, offset = self._direct(direct_fd, view, offset)
                 while view:
                     n = os.pwrite(fd, view, offset)
                     view, offset = view[n:], offset + n
             except OSError as exc:
                 self._error = exc
+
+    def _direct(self, fd: int, view: memoryview, offset: int) -> tuple[memoryview, int]:
+        """Write the aligned part of the piece to ``fd``; what is left for the page cache."""
+        if offset % DIRECT_ALIGN:
+            return view, offset
+        try:
+            while len(view) >= DIRECT_ALIGN:
+                n = os.pwrite(fd, view[: len(view) - len(view) % DIRECT_ALIGN], offset)
+                view, offset = view[n:], offset + n
+                if n % DIRECT_ALIGN:
+                    break  # short: the rest is not aligned any more
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._refused = fd
+        return view, offset
 
     def wait(self) -> OSError | None:
         """Once every piece put so far is written: the first failure since the last wait."""
@@ -227,12 +260,21 @@ class _Writer(threading.Thread):
         done.acquire()
         self.jobs.put(done)
         done.acquire()
-        error, self._error = self._error, None
+        error, self._error, self._refused = self._error, None, -1
         return error
 
     def stop(self) -> None:
         self.jobs.put(None)
         self.join()
+
+
+def _open_direct(fd: int) -> int:
+    """A second, ``O_DIRECT`` descriptor of the file ``fd`` is open on, or -1 where the file
+    system has no direct I/O."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
 
 
 class _Flusher(threading.Thread):
@@ -429,10 +471,18 @@ class _Connection:
         if self._writer is None:
             self._writer = _Writer()
         writer, base = self._writer, head.a
-        complete = self._reader.stream(
-            lambda view, off: writer.jobs.put((fd, view, base + off)) if fd >= 0 else None
-        )
-        error = error or writer.wait()
+        direct_fd = _open_direct(fd) if fd >= 0 and head.flags & p.FLAG_BULK else -1
+        try:
+            complete = self._reader.stream(
+                lambda view, off: (
+                    writer.jobs.put((fd, direct_fd, view, base + off)) if fd >= 0 else None
+                ),
+                DIRECT_ALIGN if direct_fd >= 0 else 1,
+            )
+            error = error or writer.wait()
+        finally:
+            if direct_fd >= 0:
+                os.close(direct_fd)
         if not complete:
             return None
         return applier.end_write(head, path, fd, error)
