@@ -49,6 +49,8 @@ from hakit.system.run import run
 
 log = logging.getLogger("hakit.repl")
 
+WATCHDOG_RECHECK = 0.25  # seconds between the watchdog's looks while a deadline is set
+
 
 class Replicator:
     """Role changes for one module on this node (see module docstring)."""
@@ -85,7 +87,8 @@ class Replicator:
         # highest generation the agent permitted: known to the peer or the arbiters, which
         # stays true, so it carries over to the next primary role of this process
         self.permitted = 0
-        self.fence_deadline = 0.0  # FenceAt of the agent (0: none)
+        self.fence_deadline = 0.0  # FenceAt of the agent (0: none); set by fence_at()
+        self._fence_changed = threading.Condition()  # wakes the watchdog
         self.server: ReplicaServer | None = None
         self.applier: Applier | None = None
         self.mount_threads: list[threading.Thread] = []
@@ -113,7 +116,7 @@ class Replicator:
         terms: dict[str, int] | None = None,
     ) -> None:
         if role != "primary":  # (a primary's deadline came with the step that made it one)
-            self.fence_deadline = 0.0
+            self.fence_at(0.0)
         if outdated:
             # this node ran alone and yielded to a peer whose copy is kept: its own changes
             # are to be discarded by the next resync, it must never lead with them — but
@@ -177,16 +180,30 @@ class Replicator:
             Path(path).mkdir(parents=True, exist_ok=True)
             self.fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY))
 
+    def fence_at(self, deadline: float) -> None:
+        """The agent's FenceAt (CLOCK_BOOTTIME seconds; 0: none)."""
+        with self._fence_changed:
+            self.fence_deadline = deadline
+            self._fence_changed.notify()
+
     def watchdog(self) -> None:
         """Thread: once the agent's FenceAt deadline has passed without a later one while
         this node is primary (the agent is paused or stuck), remove the module's VIPs and
-        say so. The agent's machine then fences itself too (ReplicaFenced)."""
+        say so. The agent's machine then fences itself too (ReplicaFenced). It sleeps until
+        the deadline or a new one; waits on the monotonic clock stop during a suspend, the
+        deadline's CLOCK_BOOTTIME does not: so it looks again at least every
+        :data:`WATCHDOG_RECHECK` seconds while a deadline is set."""
         while True:
-            time.sleep(0.02)
-            deadline = self.fence_deadline
-            if not deadline or self.primary is None or boottime.now() <= deadline:
-                continue
-            self.fence_deadline = 0.0
+            with self._fence_changed:
+                deadline = self.fence_deadline
+                if not deadline or self.primary is None:
+                    self._fence_changed.wait()
+                    continue
+                left = deadline - boottime.now()
+                if left > 0:
+                    self._fence_changed.wait(min(left, WATCHDOG_RECHECK))
+                    continue
+                self.fence_deadline = 0.0
             late = boottime.now() - deadline
             removed = []
             for vip in self.module.config.vips:
@@ -250,6 +267,7 @@ class Replicator:
         prim.start(force_full, peer_generation)  # generation bumped durably before mounting
         write_atomic(self.unclean_marker, "")
         self.primary = prim
+        self.fence_at(self.fence_deadline)  # the watchdog looks at a deadline set meanwhile
         prim.permit(self.permitted)  # a permit that came while the role was being set
         for i, path in enumerate(self.paths):
             fsname = f"hakit-{self.module.name}-{i}"
@@ -437,7 +455,7 @@ def main(argv: list[str] | None = None) -> int:
         elif cmd.get("cmd") == "permit" and isinstance(cmd.get("generation"), int):
             rep.permit(cmd["generation"])
         elif cmd.get("cmd") == "fence_at" and isinstance(cmd.get("t"), int | float):
-            rep.fence_deadline = float(cmd["t"])
+            rep.fence_at(float(cmd["t"]))
         elif cmd.get("cmd") == "ping":
             rep.emit({"ev": "pong", "id": cmd.get("id"), "t": time.monotonic()})
         elif cmd.get("cmd") == "role":

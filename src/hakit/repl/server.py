@@ -479,8 +479,8 @@ class _Connection:
                 ),
                 DIRECT_ALIGN if direct_fd >= 0 else 1,
             )
-            error = error or writer.wait()
-        finally:
+        finally:  # also when receiving failed: the writer is done with direct_fd before it
+            error = error or writer.wait()  # is closed (its number could name another file)
             if direct_fd >= 0:
                 os.close(direct_fd)
         if not complete:
