@@ -201,7 +201,10 @@ def _resident(path: Path) -> int:
     return int(out.stdout.split()[0])
 
 
-def test_bulk_writes_go_past_the_page_cache_and_keep_every_byte(sec: Secondary) -> None:
+@pytest.mark.parametrize("flags", [p.FLAG_BULK, 0], ids=["resync", "live"])
+def test_large_writes_go_past_the_page_cache_and_keep_every_byte(
+    sec: Secondary, flags: int
+) -> None:
     c = sec.client()
     c.hello()
     c.call(Request(Op.CREATE, b"f", a=0o644))
@@ -214,19 +217,20 @@ def test_bulk_writes_go_past_the_page_cache_and_keep_every_byte(sec: Secondary) 
         (4096, os.urandom(STREAM_SIZE)),
     ]
     for offset, data in parts:
-        req = Request(Op.WRITE, b"f", data=data, a=offset, flags=p.FLAG_BULK)
+        req = Request(Op.WRITE, b"f", data=data, a=offset, flags=flags)
         assert c.call(req).err == 0
     want = bytearray()
     for offset, data in parts:
         want[offset : offset + len(data)] = data
     assert (sec.root / "f").read_bytes() == bytes(want)
-    # the same bytes through the page cache, then as resync data (tmp_path is on disk)
+    # the same bytes in small writes (through the page cache), then in one large write
     data = os.urandom(4 << 20)
-    assert c.call(write(b"g", data, 0)).err == 0
-    assert c.call(Request(Op.WRITE, b"g", data=data, a=0, flags=p.FLAG_BULK)).err == 0
-    assert _resident(sec.root / "g") == 0, "resync data is written with O_DIRECT"
-    assert c.call(write(b"g", data, 0)).err == 0
-    assert _resident(sec.root / "g") == len(data), "live writes go through the page cache"
+    small = STREAM_SIZE // 2
+    for off in range(0, len(data), small):
+        assert c.call(write(b"g", data[off : off + small], off)).err == 0
+    assert _resident(sec.root / "g") == len(data), "small writes go through the page cache"
+    assert c.call(Request(Op.WRITE, b"g", data=data, a=0, flags=flags)).err == 0
+    assert _resident(sec.root / "g") == 0, "large writes are written with O_DIRECT"
     assert (sec.root / "g").read_bytes() == data
 
 
@@ -248,7 +252,7 @@ def test_large_write_cut_short_keeps_what_arrived_and_answers_nothing(sec: Secon
     c = sec.client()
     c.hello()
     c.call(Request(Op.CREATE, b"f", a=0o644))
-    data = os.urandom(STREAM_SIZE * 4)
+    data = os.urandom(STREAM_SIZE * 12)  # written in 1 MiB pieces (O_DIRECT): 2 arrive whole
     frame = b"".join(bytes(x) for x in write(b"f", data, 0).encode(99))
     c.sock.sendall(frame[: -STREAM_SIZE - 1])
     c.sock.shutdown(socket.SHUT_WR)

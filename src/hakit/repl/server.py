@@ -18,10 +18,13 @@ Threads (no asyncio):
 - a **writer thread** per connection, for WRITEs of :data:`STREAM_SIZE` bytes or more:
   it ``pwrite``s each piece of the data as soon as it has arrived, while the connection
   thread receives the next one; the reply is queued once every piece is written (then the
-  mtime is set, as for any WRITE). Nothing else is applied meanwhile. Resync data
-  (``FLAG_BULK``) is written with ``O_DIRECT`` where the file system allows it (aligned
-  pieces; the unaligned tail and any refused piece through the page cache): the disk works
-  while the data arrives, instead of in END_RESYNC's flush, and no CPU goes to page copies.
+  mtime is set, as for any WRITE). Nothing else is applied meanwhile. These large WRITEs —
+  the application's and the resync's (``FLAG_BULK``) alike — are written with ``O_DIRECT``
+  where the file system allows it (aligned pieces; the unaligned tail and any refused piece
+  through the page cache): the disk works while the data arrives, instead of in a later
+  flush, no CPU goes to page copies, and the secondary's memory does not fill with a copy
+  nobody reads (it is read only after a failover, by a resync or by ``hakit verify``).
+  Smaller WRITEs go through the page cache.
 - a **flusher thread** per connection runs ``syncfs`` on the replicated file systems for
   SYNCFS requests (several waiting requests share one flush) and hands the replies back to
   the connection thread, which goes on applying meanwhile. A SYNCFS reply is only queued
@@ -471,7 +474,7 @@ class _Connection:
         if self._writer is None:
             self._writer = _Writer()
         writer, base = self._writer, head.a
-        direct_fd = _open_direct(fd) if fd >= 0 and head.flags & p.FLAG_BULK else -1
+        direct_fd = _open_direct(fd) if fd >= 0 else -1
         try:
             complete = self._reader.stream(
                 lambda view, off: (
