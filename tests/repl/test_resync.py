@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -182,6 +183,47 @@ def test_secondary_disk_full_primary_keeps_serving(pair: Pair) -> None:
         mark = pair.a.mark()
         (pair.a.data("two") / "big").unlink()
         pair.a.wait_in_sync(timeout=120, since=mark)
+        _same(pair)
+    finally:
+        pair.close()
+        subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_primary_disk_full_a_failed_write_leaves_both_copies_equal(pair: Pair) -> None:
+    """The WRITE reaches the secondary while the primary writes its own copy: what the
+    primary could not take is put back on the secondary from the primary's copy, and the
+    pair stays in sync."""
+    small = pair.a.data("two")
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "hk-test-full", str(small)], check=True
+    )
+    try:
+        pair.start()
+        mark = pair.a.mark()
+        path = small / "f"
+        old = os.urandom(1 << 20)
+        path.write_bytes(old)
+        fd = os.open(path, os.O_WRONLY)
+        try:  # overwrites half of the old bytes, then needs more room than is left
+            done, failure = 0, None
+            new = os.urandom(4 << 20)
+            while done < len(new) and failure is None:
+                try:
+                    n = os.pwrite(fd, new[done:], (512 << 10) + done)
+                except OSError as exc:
+                    failure = exc
+                else:
+                    done += n
+        finally:
+            os.close(fd)
+        assert failure is not None and failure.errno == errno.ENOSPC, failure
+        assert 0 < done < len(new)  # a short write came first, then the error
+        content = path.read_bytes()
+        assert content == old[: 512 << 10] + new[:done]
+        assert (pair.b.data("two") / "f").read_bytes() == content
+        _same(pair)
+        assert pair.a.last_record().get("in_sync"), pair.a.events[mark:]
+        (pair.a.data() / "after").write_text("still replicated")
         _same(pair)
     finally:
         pair.close()

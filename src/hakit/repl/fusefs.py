@@ -5,7 +5,8 @@ through a descriptor opened before the mount (``os.*(…, dir_fd=root)``), reads
 reads never touch the network. Each change is made locally and handed to the module's
 :class:`~hakit.repl.primary.PrimaryReplicator` under its order lock, then waited for outside the
 lock (see that module for the contract): a change returns to the application once the
-secondary has applied it, or once it is durably recorded for the resync.
+secondary has applied it, or once it is durably recorded for the resync. A ``write`` is handed
+over first and made locally while the secondary receives it (:meth:`ReplicatedFs.write`).
 
 Choices (measured in docs/fuse-binding.md): mfusepy on libfuse3, multithreaded loop, 1 MiB
 writes, no writeback cache (it would acknowledge writes before they are replicated),
@@ -33,13 +34,15 @@ import errno
 import os
 import stat
 import threading
+import time
 from collections.abc import Iterable
 from typing import Any
 
 from mfusepy import FUSE, FuseOSError, Operations, c_stat, fuse_get_context
 
 from hakit.repl import protocol as p
-from hakit.repl.applier import RENAME_EXCHANGE, fallocate, renameat2
+from hakit.repl.applier import RENAME_EXCHANGE, fallocate, renameat2, set_times
+from hakit.repl.link import Link
 from hakit.repl.primary import PrimaryReplicator, Ticket
 
 _STAT_KEYS = (
@@ -283,30 +286,75 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         return self._opened(fd, flags)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
-        """A write on an O_SYNC/O_DSYNC handle does not wait here: the kernel follows it with
+        """The WRITE is sent to the secondary *before* the local ``pwrite``, both under the
+        order lock (so the order of changes is kept): the two copies are written at the same
+        time. Its mtime is chosen first and set on this copy after the write, so both copies
+        carry the same one. If the local write fails or is short, what this copy holds where
+        the secondary got the rest of the data is sent back to it (:meth:`_undo_write`), and
+        the error or the short count returns only once that is applied.
+
+        A write on an O_SYNC/O_DSYNC handle does not wait here: the kernel follows it with
         an FSYNC request before the application's write returns, and :meth:`fsync` waits for
         both (so does :meth:`release`, in case no FSYNC comes)."""
         if path is None:  # unlinked while open: nobody can reach these bytes
             return os.pwrite(fh, data, offset)
         rel = self._rel(path)
+        error: OSError | None = None
+        n = 0
+        undo: list[Ticket | None] = []
+        drop = None
         with self.repl.order:
-            n = os.pwrite(fh, data, offset)
+            mtime = time.time_ns()
             t = self._send(
-                p.Request(
-                    p.Op.WRITE,
-                    rel,
-                    data=data if n == len(data) else data[:n],
-                    a=offset,
-                    b=os.fstat(fh).st_mtime_ns,
-                ),
-                rng=(offset, n),
+                p.Request(p.Op.WRITE, rel, data=data, a=offset, b=mtime), rng=(offset, len(data))
             )
+            try:
+                n = os.pwrite(fh, data, offset)
+                if n:
+                    set_times(fh, None, p.KEEP, mtime)
+            except OSError as exc:
+                error = exc
+            if n < len(data) and t is not None and t.pending is not None:
+                undo, drop = self._undo_write(rel, fh, offset + n, len(data) - n, t)
+        if drop is not None:
+            drop.close(f"{rel!r}: this copy could not be read back after a failed write")
+        if error is not None or n < len(data):
+            for ticket in (t, *undo):
+                self.repl.finish(ticket)
+            if error is not None:
+                raise error
+            return n
         if t is not None and fh in self._sync_fhs:
             with self._deferred_lock:
                 self._deferred.setdefault(fh, []).append(t)
         else:
             self.repl.finish(t)
         return n
+
+    def _undo_write(
+        self, rel: bytes, fh: int, start: int, length: int, sent: Ticket
+    ) -> tuple[list[Ticket | None], Link | None]:
+        """Put back on the secondary what this copy holds in ``[start, start + length)``,
+        which a WRITE already sent covers but the local write did not take: this copy's bytes
+        there and its size (caller holds the order lock). The requests to wait for, and None;
+        or, if this copy cannot be read, none, and the link to close once the lock is released
+        (the path is then tracked whole, for the resync)."""
+        try:
+            st = os.fstat(fh)
+            reqs = []
+            if start < st.st_size:
+                want = min(length, st.st_size - start)
+                old = os.pread(fh, want, start)
+                if len(old) != want:
+                    raise OSError(errno.EIO, f"read {len(old)} of {want} bytes back")
+                write = p.Request(p.Op.WRITE, rel, data=old, a=start, b=st.st_mtime_ns)
+                reqs.append((write, (start, want)))
+            if start + length > st.st_size:
+                cut = p.Request(p.Op.TRUNCATE, rel, a=st.st_size, b=st.st_mtime_ns)
+                reqs.append((cut, (st.st_size, 1 << 62)))
+        except OSError as exc:
+            return [], self.repl.diverged_locked(sent, f"{rel!r} could not be read back: {exc}")
+        return [self._send(req, rng=rng) for req, rng in reqs], None
 
     def _finish_deferred(self, fh: int) -> None:
         with self._deferred_lock:

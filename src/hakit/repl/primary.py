@@ -294,14 +294,22 @@ class PrimaryReplicator:
         link already in sync (its resync ended before this answer came): only a new resync
         can carry the change now, or the secondary would keep a torn copy."""
         with self.order:
-            current = self.link
-            drop = current if current is ticket.link or self.mode == Mode.SYNC else None
-            if drop is not None:
-                self._degrade_locked(why)
-            self._track(ticket.keys, None, False)
+            drop = self.diverged_locked(ticket, why)
         if drop is not None:
             drop.close(why)  # outside the order lock: closing calls back into us
         self._await_permit()
+
+    def diverged_locked(self, ticket: Ticket, why: str) -> Link | None:
+        """The secondary's copy of the ticket's paths may differ from this one (caller holds
+        :attr:`order`): track them whole and run alone. Returns the link to close — after
+        releasing the lock — if it must be dropped (the ticket's, or a newer one in sync,
+        see :meth:`_not_applied`)."""
+        current = self.link
+        drop = current if current is ticket.link or self.mode == Mode.SYNC else None
+        if drop is not None:
+            self._degrade_locked(why)
+        self._track(ticket.keys, None, False)
+        return drop
 
     # ------------------------------------------------------------------ internals
     def _track(self, keys: tuple[Key, ...], rng: tuple[int, int] | None, tree: bool) -> None:
