@@ -82,8 +82,9 @@ IO_TIMEOUT = 60.0  # seconds a send of replies may take before giving up
 DRAIN_TIMEOUT = 2.0  # seconds at most to read what is still arriving after a stop request
 BUFFER_SIZE = 1 << 20  # receive buffer; frames with more data use a MAX_DATA buffer
 STREAM_SIZE = 256 << 10  # WRITEs with this much data are written while they arrive
-STREAM_CHUNK = 256 << 10  # handed to the writer thread at a time
-DIRECT_CHUNK = 1 << 20  # pieces of an O_DIRECT stream (one disk write each)
+STREAM_CHUNK = 256 << 10  # handed to the writer thread at a time (and pieces of a live O_DIRECT
+# stream: the last piece's disk write is what the reply waits for after the data arrived)
+DIRECT_CHUNK = 1 << 20  # pieces of a resync's O_DIRECT stream (one disk write each)
 DIRECT_ALIGN = 4096  # O_DIRECT pieces: file offset, length and buffer address multiples
 FLUSH_SIZE = 256 << 10  # bytes of queued replies sent even if more requests are buffered
 MAX_OPENING = 4  # connections allowed in handshake at once; more are closed at once
@@ -183,17 +184,22 @@ class _Reader:
         self.partial = False
         return head, path, path2, data
 
-    def stream(self, consume: Callable[[memoryview, int], None], align: int = 1) -> bool:
-        """The data of the frame :meth:`frame` returned without it, piece by piece:
-        ``consume(view, offset in the data)``, each view valid until the next :meth:`frame`.
-        Every piece but the last is a multiple of ``align`` bytes long (and starts at such an
-        offset of a page-aligned buffer). False if the stream ended first (what was consumed
-        stays consumed)."""
+    def stream(
+        self,
+        consume: Callable[[memoryview, int], None],
+        align: int = 1,
+        piece: int = STREAM_CHUNK,
+    ) -> bool:
+        """The data of the frame :meth:`frame` returned without it, in pieces of at least
+        ``piece`` bytes: ``consume(view, offset in the data)``, each view valid until the next
+        :meth:`frame`. Every piece but the last is a multiple of ``align`` bytes long (and
+        starts at such an offset of a page-aligned buffer). False if the stream ended first
+        (what was consumed stays consumed)."""
         n, self._streaming = self._streaming, 0
         data = self._big_buffer(n)
         have = min(n, self._hi - self._lo)
         data[:have] = self._take(have)
-        handed, piece = 0, STREAM_CHUNK if align == 1 else DIRECT_CHUNK
+        handed = 0
         while True:
             upto = have if have == n else have - (have - handed) % align
             if upto - handed >= piece or (have == n and have > handed):
@@ -481,6 +487,7 @@ class _Connection:
                     writer.jobs.put((fd, direct_fd, view, base + off)) if fd >= 0 else None
                 ),
                 DIRECT_ALIGN if direct_fd >= 0 else 1,
+                DIRECT_CHUNK if head.flags & p.FLAG_BULK else STREAM_CHUNK,
             )
         finally:  # also when receiving failed: the writer is done with direct_fd before it
             error = error or writer.wait()  # is closed (its number could name another file)
