@@ -249,6 +249,9 @@ class ReplicationConfig(_Strict):
     port: int = Field(default=7420, ge=1, le=65535)  # TCP port the secondary listens on
     network: Name | None = None  # heartbeat network carrying the data; default: first by name
     ack: Literal["receipt", "durable"] = "receipt"  # when the secondary acknowledges a change
+    # application writes of 256 KiB or more: "direct" = past the page cache on both nodes
+    # (O_DIRECT where aligned; no second cached copy), "cached" = through it
+    large_writes: Literal["direct", "cached"] = "direct"
     timeout: Duration = 5.0  # no reply for this long: the secondary is lost, primary goes ALONE
     bandwidth: float | None = Field(None, gt=0)  # resync cap in MB/s (10^6 B); None: no cap
     streams: int = Field(default=2, ge=1, le=16)  # parallel connections of a full resync

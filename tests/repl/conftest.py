@@ -71,7 +71,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[Pair]:
     root = ROOT / request.node.name[:60].replace("/", "_").replace("[", "_").replace("]", "")
     _clean(root)
     root.mkdir(parents=True)
-    p = Pair(root)
+    p = Pair(root, extra=getattr(request, "param", ""))  # indirect parametrization: module.toml
     try:
         yield p
     finally:

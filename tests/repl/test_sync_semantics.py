@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from hakit.repl.applier import RENAME_EXCHANGE, renameat2
+from tests.pagecache import resident_bytes
 
 from .conftest import Pair, assert_same_tree
 from .pair import DIRS
@@ -332,3 +333,43 @@ def test_the_secondary_refuses_a_primary_with_an_older_lease_term(pair: Pair) ->
     since = pair.a.mark()
     pair.a.role("primary", terms={"witness:w": 6, "witness:z": 1})  # newer: accepted again
     pair.a.wait_in_sync(since=since)
+
+
+@pytest.mark.parametrize(
+    "pair", ["", 'large_writes = "cached"'], ids=["direct", "cached"], indirect=True
+)
+def test_large_writes_keep_every_byte_and_skip_both_page_caches_unless_cached(
+    pair: Pair,
+) -> None:
+    direct = "cached" not in pair.extra
+    pair.start()
+    rel = "big"
+    want = bytearray()
+
+    def put(data: bytes, offset: int) -> None:
+        assert os.pwrite(fd, data, offset) == len(data)
+        want[offset : offset + len(data)] = data
+
+    fd = os.open(pair.a.data() / rel, os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for i in range(4):
+            put(os.urandom(1 << 20), i << 20)  # large and aligned
+        put(os.urandom((300 << 10) + 7), 4 << 20)  # aligned start, unaligned tail
+        put(os.urandom(300 << 10), (1 << 20) + 5)  # large but unaligned: page cache
+    finally:
+        os.close(fd)
+    secondary = pair.b.data() / rel
+    cached_b = resident_bytes(secondary)  # before anything reads it
+    assert secondary.read_bytes() == want
+    pair.close()  # unmounted: what the page cache holds now is the primary's own copy's
+    primary = pair.a.data() / rel
+    cached_a = resident_bytes(primary)
+    assert primary.read_bytes() == want
+    assert_same_tree(pair.a.data(), pair.b.data())
+    if direct:  # only the pages of the unaligned parts went through the page cache
+        assert cached_a < 1 << 20, cached_a
+        assert cached_b < 1 << 20, cached_b
+    else:
+        pages = -(-len(want) // 4096) * 4096
+        assert cached_a == pages
+        assert cached_b == pages

@@ -8,7 +8,6 @@ import os
 import socket
 import ssl
 import struct
-import subprocess
 import termios
 import threading
 import time
@@ -23,6 +22,7 @@ from hakit.repl.applier import Applier
 from hakit.repl.link import HANDOFF_SIZE, Link, ReplicaLost, connect
 from hakit.repl.protocol import Op, Reply, Request
 from hakit.repl.server import BUFFER_SIZE, STREAM_SIZE, ReplicaServer
+from tests.pagecache import resident_bytes
 
 TIMEOUT = 10.0  # seconds any single wait in these tests may take
 
@@ -118,13 +118,17 @@ class Client:
 
 
 class Secondary:
-    def __init__(self, base: Path, ctx: ssl.SSLContext | None = None) -> None:
+    def __init__(
+        self, base: Path, ctx: ssl.SSLContext | None = None, *, direct: bool = True
+    ) -> None:
         self.root = base / "root"
         self.root.mkdir()
         self.fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY)
         self.applier = Applier([self.fd])
         self.handlers = Recorder()
-        self.server = ReplicaServer(["127.0.0.1"], 0, ctx, self.applier, self.handlers)
+        self.server = ReplicaServer(
+            ["127.0.0.1"], 0, ctx, self.applier, self.handlers, direct=direct
+        )
         self.server.start()
         self.clients: list[Client] = []
 
@@ -190,17 +194,6 @@ def test_large_writes_pass_through_the_big_buffer(sec: Secondary) -> None:
     assert (sec.root / "big").read_bytes() == b"".join(chunks)
 
 
-def _resident(path: Path) -> int:
-    """Bytes of ``path`` in the page cache (util-linux ``fincore``)."""
-    out = subprocess.run(
-        ["fincore", "--bytes", "--noheadings", "--raw", "--output", "RES", str(path)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return int(out.stdout.split()[0])
-
-
 @pytest.mark.parametrize("flags", [p.FLAG_BULK, 0], ids=["resync", "live"])
 def test_large_writes_go_past_the_page_cache_and_keep_every_byte(
     sec: Secondary, flags: int
@@ -228,10 +221,26 @@ def test_large_writes_go_past_the_page_cache_and_keep_every_byte(
     small = STREAM_SIZE // 2
     for off in range(0, len(data), small):
         assert c.call(write(b"g", data[off : off + small], off)).err == 0
-    assert _resident(sec.root / "g") == len(data), "small writes go through the page cache"
+    assert resident_bytes(sec.root / "g") == len(data), "small writes go through the page cache"
     assert c.call(Request(Op.WRITE, b"g", data=data, a=0, flags=flags)).err == 0
-    assert _resident(sec.root / "g") == 0, "large writes are written with O_DIRECT"
+    assert resident_bytes(sec.root / "g") == 0, "large writes are written with O_DIRECT"
     assert (sec.root / "g").read_bytes() == data
+
+
+def test_large_writes_cached_keeps_the_applications_in_the_page_cache(tmp_path: Path) -> None:
+    sec = Secondary(tmp_path, direct=False)  # large_writes = "cached"
+    try:
+        c = sec.client()
+        c.hello()
+        c.call(Request(Op.CREATE, b"g", a=0o644))
+        data = os.urandom(4 << 20)
+        assert c.call(write(b"g", data, 0)).err == 0
+        assert resident_bytes(sec.root / "g") == len(data), "the application's: page cache"
+        assert c.call(Request(Op.WRITE, b"g", data=data, a=0, flags=p.FLAG_BULK)).err == 0
+        assert resident_bytes(sec.root / "g") == 0, "the resync's: O_DIRECT all the same"
+        assert (sec.root / "g").read_bytes() == data
+    finally:
+        sec.close()
 
 
 def test_large_write_errors_are_answered_and_the_stream_stays_in_step(sec: Secondary) -> None:

@@ -118,6 +118,40 @@ def set_times(fd: int, name: bytes | None, atime_ns: int, mtime_ns: int) -> None
         _check(_libc.utimensat(fd, name, _times(atime_ns, mtime_ns), _AT_SYMLINK_NOFOLLOW))
 
 
+DIRECT_ALIGN = 4096  # O_DIRECT writes: file offset, length and buffer address multiples
+
+
+def open_direct(fd: int) -> int:
+    """A second, ``O_DIRECT`` write descriptor of the file ``fd`` is open on (the same file
+    even if renamed or unlinked since), or -1 where the file system has no direct I/O."""
+    try:
+        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+    except OSError:
+        return -1
+
+
+def write_direct(direct_fd: int, view: memoryview, offset: int) -> tuple[memoryview, int]:
+    """Write the aligned start of ``view`` (a page-aligned buffer) at ``offset`` through
+    ``direct_fd``, past the page cache; returns what is left to write through the page cache
+    (an unaligned tail, everything if ``offset`` is not aligned, or the rest after a failure
+    once some bytes were written). Raises ``OSError`` only if nothing was written
+    (``EINVAL``: the file system does not take this alignment)."""
+    if offset % DIRECT_ALIGN:
+        return view, offset
+    start = offset
+    while len(view) >= DIRECT_ALIGN:
+        try:
+            n = os.pwrite(direct_fd, view[: len(view) - len(view) % DIRECT_ALIGN], offset)
+        except OSError:
+            if offset == start:
+                raise
+            break  # the caller's buffered write of the rest reports it
+        view, offset = view[n:], offset + n
+        if n % DIRECT_ALIGN:
+            break  # short: the rest is not aligned any more
+    return view, offset
+
+
 def syncfs(fd: int) -> None:
     """``syncfs(2)``: everything written to the file system holding ``fd`` is on disk."""
     _check(_libc.syncfs(fd))

@@ -31,6 +31,7 @@ from __future__ import annotations
 import _thread
 import ctypes
 import errno
+import mmap
 import os
 import stat
 import threading
@@ -41,7 +42,15 @@ from typing import Any
 from mfusepy import FUSE, FuseOSError, Operations, c_stat, fuse_get_context
 
 from hakit.repl import protocol as p
-from hakit.repl.applier import RENAME_EXCHANGE, fallocate, renameat2, set_times
+from hakit.repl.applier import (
+    DIRECT_ALIGN,
+    RENAME_EXCHANGE,
+    fallocate,
+    open_direct,
+    renameat2,
+    set_times,
+    write_direct,
+)
 from hakit.repl.link import Link
 from hakit.repl.primary import PrimaryReplicator, Ticket
 
@@ -76,6 +85,7 @@ _pinned: set[int] = set()  # libfuse threads whose Python thread state is kept b
 
 
 MAX_THREADS = 64  # libfuse worker threads per mount (requests waiting for the secondary)
+LARGE_WRITE = 256 << 10  # writes of this many bytes or more go past the page cache (_pwrite)
 
 
 class _Fuse(FUSE):  # type: ignore[misc]
@@ -169,6 +179,9 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         self._sync_fhs: set[int] = set()
         self._deferred: dict[int, list[Ticket]] = {}
         self._deferred_lock = threading.Lock()
+        self._direct = repl.s.direct_writes
+        self._direct_fds: dict[int, int] = {}  # handle -> its O_DIRECT twin (-1: none)
+        self._buffers = threading.local()  # per worker thread: a page-aligned copy buffer
 
     # ------------------------------------------------------------------ helpers
     def _rel(self, path: str) -> bytes:
@@ -309,7 +322,7 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
                 p.Request(p.Op.WRITE, rel, data=data, a=offset, b=mtime), rng=(offset, len(data))
             )
             try:
-                n = os.pwrite(fh, data, offset)
+                n = self._pwrite(fh, data, offset)
                 if n:
                     set_times(fh, None, p.KEEP, mtime)
             except OSError as exc:
@@ -330,6 +343,43 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         else:
             self.repl.finish(t)
         return n
+
+    def _pwrite(self, fh: int, data: bytes, offset: int) -> int:
+        """This copy's part of a write (caller holds the order lock). A write of
+        :data:`LARGE_WRITE` bytes or more at an aligned offset goes past the page cache
+        (``large_writes = "direct"``, the default): through an ``O_DIRECT`` twin of the handle,
+        from a page-aligned copy of the data; an unaligned tail, and every write where the file
+        system refuses direct I/O, through the page cache. The application's reads still find
+        the data in the FUSE mount's own cache while the file stays open; a read after it is
+        opened again comes from the disk (the mount's cache starts empty at each open)."""
+        if not self._direct or len(data) < LARGE_WRITE or offset % DIRECT_ALIGN:
+            return os.pwrite(fh, data, offset)
+        dfd = self._direct_fds.get(fh)
+        if dfd is None:
+            dfd = self._direct_fds[fh] = open_direct(fh)
+        if dfd < 0:
+            return os.pwrite(fh, data, offset)
+        buf: mmap.mmap | None = getattr(self._buffers, "buf", None)
+        if buf is None or len(buf) < len(data):
+            buf = self._buffers.buf = mmap.mmap(-1, max(len(data), 1 << 20))
+        view = memoryview(buf)[: len(data)]
+        view[:] = data
+        try:
+            rest, at = write_direct(dfd, view, offset)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._direct_fds[fh] = -1  # this file system does not take it: page cache
+            os.close(dfd)
+            return os.pwrite(fh, data, offset)
+        done = at - offset
+        if rest:
+            try:
+                done += os.pwrite(fh, rest, at)
+            except OSError:
+                if not done:
+                    raise
+        return done
 
     def _undo_write(
         self, rel: bytes, fh: int, start: int, length: int, sent: Ticket
@@ -425,6 +475,9 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         if fh in self._sync_fhs:
             self._sync_fhs.discard(fh)
             self._finish_deferred(fh)
+        dfd = self._direct_fds.pop(fh, -1)
+        if dfd >= 0:
+            os.close(dfd)
         os.close(fh)
 
     # ------------------------------------------------------------------ namespace

@@ -73,6 +73,7 @@ class PrimarySettings:
     checkpoint_interval: float = 2.0  # SYNCFS on the secondary this often (crash window)
     retry_interval: float = 0.25  # reconnection attempts while ALONE (refused at once if down)
     hold_timeout: float = 10.0  # an unreplicated change waits this long for its permit, then EIO
+    direct_writes: bool = True  # large aligned writes to this copy with O_DIRECT (fusefs)
     # the fencing token shown to the secondary at HELLO: lease terms by issuer (empty: none)
     terms: dict[str, int] = field(default_factory=dict)
 

@@ -253,6 +253,7 @@ class Replicator:
             streams=rc.streams,
             block_size=rc.block_size,
             bandwidth=rc.bandwidth * 1e6 if rc.bandwidth else None,
+            direct_writes=rc.large_writes == "direct",
             terms=terms,
         )
         journal = DirtyJournal(self.journal_dir)
@@ -294,6 +295,7 @@ class Replicator:
             self.server_ctx,
             self.applier,
             _SecondaryHandlers(self),
+            direct=self.module.config.replication.large_writes == "direct",
         )
         self.server.start()
         rec = records.load(self.record_file)

@@ -19,7 +19,8 @@ Threads (no asyncio):
   it ``pwrite``s each piece of the data as soon as it has arrived, while the connection
   thread receives the next one; the reply is queued once every piece is written (then the
   mtime is set, as for any WRITE). Nothing else is applied meanwhile. These large WRITEs —
-  the application's and the resync's (``FLAG_BULK``) alike — are written with ``O_DIRECT``
+  the resync's (``FLAG_BULK``), and the application's unless ``direct`` is off
+  (``large_writes = "cached"``) — are written with ``O_DIRECT``
   where the file system allows it (aligned pieces; the unaligned tail and any refused piece
   through the page cache): the disk works while the data arrives, instead of in a later
   flush, no CPU goes to page copies, and the secondary's memory does not fill with a copy
@@ -72,7 +73,7 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from hakit.repl import protocol as p
-from hakit.repl.applier import Applier, syncfs
+from hakit.repl.applier import DIRECT_ALIGN, Applier, open_direct, syncfs, write_direct
 from hakit.repl.protocol import Op, ProtocolError, Reply, RequestHead
 
 log = logging.getLogger(__name__)
@@ -85,7 +86,6 @@ STREAM_SIZE = 256 << 10  # WRITEs with this much data are written while they arr
 STREAM_CHUNK = 256 << 10  # handed to the writer thread at a time (and pieces of a live O_DIRECT
 # stream: the last piece's disk write is what the reply waits for after the data arrived)
 DIRECT_CHUNK = 1 << 20  # pieces of a resync's O_DIRECT stream (one disk write each)
-DIRECT_ALIGN = 4096  # O_DIRECT pieces: file offset, length and buffer address multiples
 FLUSH_SIZE = 256 << 10  # bytes of queued replies sent even if more requests are buffered
 MAX_OPENING = 4  # connections allowed in handshake at once; more are closed at once
 KEEPALIVE = (10, 5, 3)  # TCP keepalive: idle seconds, interval seconds, probes
@@ -249,14 +249,8 @@ class _Writer(threading.Thread):
 
     def _direct(self, fd: int, view: memoryview, offset: int) -> tuple[memoryview, int]:
         """Write the aligned part of the piece to ``fd``; what is left for the page cache."""
-        if offset % DIRECT_ALIGN:
-            return view, offset
         try:
-            while len(view) >= DIRECT_ALIGN:
-                n = os.pwrite(fd, view[: len(view) - len(view) % DIRECT_ALIGN], offset)
-                view, offset = view[n:], offset + n
-                if n % DIRECT_ALIGN:
-                    break  # short: the rest is not aligned any more
+            return write_direct(fd, view, offset)
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
@@ -275,15 +269,6 @@ class _Writer(threading.Thread):
     def stop(self) -> None:
         self.jobs.put(None)
         self.join()
-
-
-def _open_direct(fd: int) -> int:
-    """A second, ``O_DIRECT`` descriptor of the file ``fd`` is open on, or -1 where the file
-    system has no direct I/O."""
-    try:
-        return os.open(f"/proc/self/fd/{fd}", os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
-    except OSError:
-        return -1
 
 
 class _Flusher(threading.Thread):
@@ -480,7 +465,8 @@ class _Connection:
         if self._writer is None:
             self._writer = _Writer()
         writer, base = self._writer, head.a
-        direct_fd = _open_direct(fd) if fd >= 0 else -1
+        direct = self._server.direct or head.flags & p.FLAG_BULK
+        direct_fd = open_direct(fd) if fd >= 0 and direct else -1
         try:
             complete = self._reader.stream(
                 lambda view, off: (
@@ -618,8 +604,11 @@ class ReplicaServer:
         ssl_context: ssl.SSLContext | None,
         applier: Applier,
         handlers: Handlers,
+        *,
+        direct: bool = True,
     ) -> None:
         self.binds = list(binds)
+        self.direct = direct  # the application's large WRITEs past the page cache, too
         self.ssl_context = ssl_context
         self.applier = applier
         self.handlers = handlers
