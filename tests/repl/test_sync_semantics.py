@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from hakit.repl.applier import RENAME_EXCHANGE, renameat2
-from tests.pagecache import resident_bytes
+from tests.pagecache import dirty_pages, resident_bytes
 
 from .conftest import Pair, assert_same_tree
 from .pair import DIRS
@@ -373,3 +373,22 @@ def test_large_writes_keep_every_byte_and_skip_both_page_caches_unless_cached(
         pages = -(-len(want) // 4096) * 4096
         assert cached_a == pages
         assert cached_b == pages
+
+
+def test_dsync_and_sync_writes_are_on_the_secondarys_disk_when_they_return(pair: Pair) -> None:
+    pair.start()
+    path, copy = pair.a.data() / "log", pair.b.data() / "log"
+    path.write_bytes(os.urandom(5000))  # buffered, through another handle
+    assert dirty_pages(copy) > 0
+    for flag in (os.O_DSYNC, os.O_SYNC):
+        os.sync()
+        with path.open("ab") as other:
+            other.write(os.urandom(300))  # buffered again, then a synchronous write
+        assert dirty_pages(copy) > 0
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | flag)
+        try:
+            os.write(fd, os.urandom(4096))
+            assert dirty_pages(copy) == 0, flag  # the whole file, earlier writes included
+        finally:
+            os.close(fd)
+    assert_same_tree(pair.a.data(), pair.b.data())

@@ -22,7 +22,7 @@ from hakit.repl.applier import Applier
 from hakit.repl.link import HANDOFF_SIZE, Link, ReplicaLost, connect
 from hakit.repl.protocol import Op, Reply, Request
 from hakit.repl.server import BUFFER_SIZE, STREAM_SIZE, ReplicaServer
-from tests.pagecache import resident_bytes
+from tests.pagecache import dirty_pages, resident_bytes
 
 TIMEOUT = 10.0  # seconds any single wait in these tests may take
 
@@ -241,6 +241,23 @@ def test_large_writes_cached_keeps_the_applications_in_the_page_cache(tmp_path: 
         assert (sec.root / "g").read_bytes() == data
     finally:
         sec.close()
+
+
+@pytest.mark.parametrize("size", [4096, STREAM_SIZE * 2], ids=["small", "streamed"])
+def test_sync_flagged_writes_are_on_disk_when_answered(sec: Secondary, size: int) -> None:
+    c = sec.client()
+    c.hello()
+    c.call(Request(Op.CREATE, b"f", a=0o644))
+    data = os.urandom(size)
+    assert c.call(write(b"f", data, 1)).err == 0  # unaligned: through the page cache
+    assert dirty_pages(sec.root / "f") > 0
+    for flag in (p.FLAG_DSYNC, p.FLAG_SYNC):
+        os.sync()  # nothing dirty to start with
+        assert c.call(write(b"f", data, 1)).err == 0
+        assert dirty_pages(sec.root / "f") > 0
+        assert c.call(Request(Op.WRITE, b"f", data=data, a=1, flags=flag)).err == 0
+        assert dirty_pages(sec.root / "f") == 0, flag
+    assert (sec.root / "f").read_bytes() == b"\0" + data
 
 
 def test_large_write_errors_are_answered_and_the_stream_stays_in_step(sec: Secondary) -> None:

@@ -301,7 +301,7 @@ class Applier:
         try:
             if error is not None:
                 raise error
-            self._done_file(fd, head.b)
+            self._done_file(fd, head.b, head.flags)
         except OSError as exc:
             code = exc.errno or errno.EIO
             text = f"{head.op.name} {os.fsdecode(path)}: {exc.strerror or os.strerror(code)}"
@@ -400,13 +400,17 @@ class Applier:
         finally:
             os.close(fd)
 
-    def _done_file(self, fd: int, mtime: int) -> None:
-        """After a change of a file's content: its mtime, then durability."""
+    def _done_file(self, fd: int, mtime: int, flags: int = 0) -> None:
+        """After a change of a file's content: its mtime, then durability (a WRITE flagged
+        ``FLAG_SYNC`` is ``fsync``ed, mtime included; ``FLAG_DSYNC``, as every change with
+        ``durable``, ``fdatasync``ed)."""
         if mtime != KEEP:
             times = self._mtime_only
             times[2], times[3] = divmod(mtime, 1_000_000_000)
             _check(_libc.futimens(fd, times))
-        if self.durable:
+        if flags & p.FLAG_SYNC:
+            os.fsync(fd)
+        elif self.durable or flags & p.FLAG_DSYNC:
             os.fdatasync(fd)
 
     def _done_entry(self, parent: int, pmtime: int) -> None:
@@ -430,7 +434,7 @@ class Applier:
         while view:
             n = os.pwrite(fd, view, off)
             view, off = view[n:], off + n
-        self._done_file(fd, h.b)
+        self._done_file(fd, h.b, h.flags)
 
     def _truncate(self, h: RequestHead, path: bytes, _p2: bytes, _d: object) -> None:
         fd = self._file(h.root, path)

@@ -17,10 +17,13 @@ writes to it are not replicated — nobody can reach them), ``use_ino``.
 request) flush the local file and the secondary's copy at the same time and return when both
 are done. The daemon opens files without O_SYNC/O_DSYNC/O_DIRECT for that reason.
 
-A WRITE on an O_SYNC/O_DSYNC handle does not wait for the secondary: the kernel sends the
-FSYNC before the application's ``write`` returns, and that FSYNC waits for both (so does the
-``release`` of the handle, should no FSYNC come). The application's ``write`` still returns
-only once the data is durable on both nodes, with one round trip fewer.
+A WRITE on an O_SYNC/O_DSYNC handle is flagged (``FLAG_SYNC``/``FLAG_DSYNC``): the secondary
+makes the file durable before it answers. It does not wait for that answer: the kernel sends
+an FSYNC before the application's ``write`` returns, and that FSYNC waits for both the local
+flush and the answer (so does the ``release`` of the handle, should no FSYNC come); when the
+flagged WRITE was the latest change of the file, that FSYNC does not go to the secondary at
+all. The application's ``write`` still returns only once the data is durable on both nodes,
+with one network round trip in all.
 
 Caveats: ``RENAME_NOREPLACE`` and ``RENAME_EXCHANGE`` are honoured (renameat2); atime is
 not replicated; ctime cannot be set, so it differs between the copies.
@@ -175,8 +178,12 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         self.root = root
         self.fd = repl.roots[root]
         self.me = (os.geteuid(), os.getegid())
-        # O_SYNC/O_DSYNC handles: their WRITEs are waited for by the FSYNC that follows each
-        self._sync_fhs: set[int] = set()
+        # O_SYNC/O_DSYNC handles -> FLAG_SYNC/FLAG_DSYNC: their WRITEs are made durable by
+        # the secondary and waited for by the FSYNC that follows each
+        self._sync_fhs: dict[int, int] = {}
+        # path -> (handle, flag) while the latest change sent for it is such a WRITE: the
+        # FSYNC that follows need not go to the secondary (under the order lock)
+        self._durable_last: dict[bytes, tuple[int, int]] = {}
         self._deferred: dict[int, list[Ticket]] = {}
         self._deferred_lock = threading.Lock()
         self._direct = repl.s.direct_writes
@@ -209,6 +216,16 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         return p.pack_owner(uid, gid)
 
     def _send(self, req: p.Request, **kw: Any) -> Any:
+        """Every change goes through here (caller holds the order lock): a change of a path
+        ends what :attr:`_durable_last` knows of it, and a rename or link of everything
+        below the names involved."""
+        durable = self._durable_last
+        if durable:
+            durable.pop(req.path, None)
+            if req.op in (p.Op.RENAME, p.Op.LINK):
+                names = (req.path, req.path2)
+                for key in [k for k in durable if any(p.is_within(k, n) for n in names)]:
+                    del durable[key]
         return self.repl.change(self.root, req, **kw)
 
     # ------------------------------------------------------------------ setup
@@ -266,7 +283,7 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
 
     def _opened(self, fd: int, flags: int) -> int:
         if flags & os.O_DSYNC:  # O_SYNC includes it
-            self._sync_fhs.add(fd)
+            self._sync_fhs[fd] = p.FLAG_SYNC if flags & os.O_SYNC == os.O_SYNC else p.FLAG_DSYNC
         return fd
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
@@ -316,10 +333,12 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         n = 0
         undo: list[Ticket | None] = []
         drop = None
+        sync = self._sync_fhs.get(fh, 0)
         with self.repl.order:
             mtime = time.time_ns()
             t = self._send(
-                p.Request(p.Op.WRITE, rel, data=data, a=offset, b=mtime), rng=(offset, len(data))
+                p.Request(p.Op.WRITE, rel, data=data, a=offset, b=mtime, flags=sync),
+                rng=(offset, len(data)),
             )
             try:
                 n = self._pwrite(fh, data, offset)
@@ -329,6 +348,8 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
                 error = exc
             if n < len(data) and t is not None and t.pending is not None:
                 undo, drop = self._undo_write(rel, fh, offset + n, len(data) - n, t)
+            elif sync and n == len(data):
+                self._durable_last[rel] = (fh, sync)
         if drop is not None:
             drop.close(f"{rel!r}: this copy could not be read back after a failed write")
         if error is not None or n < len(data):
@@ -445,12 +466,17 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         self.repl.finish(t)
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> None:
-        """Both copies flushed at once; returns when both are durable."""
+        """Both copies flushed at once; returns when both are durable. The FSYNC the kernel
+        sends after each write of an O_DSYNC/O_SYNC handle stays here when that write was the
+        latest change of the file: the secondary made it durable before answering it, and
+        the answer is waited for with the handle's other deferred writes."""
         t = None
         if path is not None:
             rel = self._rel(path)
             with self.repl.order:
-                t = self._send(p.Request(p.Op.FSYNC, rel, a=1 if datasync else 0))
+                last = self._durable_last.get(rel)
+                if last is None or last[0] != fh or not (datasync or last[1] == p.FLAG_SYNC):
+                    t = self._send(p.Request(p.Op.FSYNC, rel, a=1 if datasync else 0))
         try:
             (os.fdatasync if datasync else os.fsync)(fh)
         finally:
@@ -472,8 +498,10 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         return None
 
     def release(self, path: str | None, fh: int) -> None:
-        if fh in self._sync_fhs:
-            self._sync_fhs.discard(fh)
+        if self._sync_fhs.pop(fh, None) is not None:
+            with self.repl.order:
+                for key in [k for k, v in self._durable_last.items() if v[0] == fh]:
+                    del self._durable_last[key]
             self._finish_deferred(fh)
         dfd = self._direct_fds.pop(fh, -1)
         if dfd >= 0:

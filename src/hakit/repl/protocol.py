@@ -31,7 +31,9 @@ Contracts:
 Field use per operation (``a``, ``b``, ``c``, ``d`` are signed 64-bit)::
 
     HELLO        data=JSON hello                       reply data=JSON hello
-    WRITE        path a=offset b=mtime data=bytes    (flags=FLAG_BULK: resync data)
+    WRITE        path a=offset b=mtime data=bytes    (flags=FLAG_BULK: resync data;
+                                                        FLAG_DSYNC/FLAG_SYNC: durable when
+                                                        answered)
     TRUNCATE     path a=length b=mtime
     FALLOCATE    path a=offset b=length c=mode(flags) d=mtime
     CREATE       path a=mode b=mtime c=owner d=pmtime   (regular file, replaces a stale one)
@@ -74,11 +76,17 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
 
-PROTOCOL_VERSION = 3  # 2: META carries the xattr set, RENAME may exchange; 3: HELLO term
+PROTOCOL_VERSION = 4  # 2: META carries the xattr set, RENAME may exchange; 3: HELLO term;
+# 4: WRITE may carry FLAG_DSYNC / FLAG_SYNC
 KEEP = -1  # "leave this field as it is" (owner, times)
 #: WRITE flag: resync data, which no application waits for and END_RESYNC flushes; the
 #: secondary may write it past its page cache (O_DIRECT), overlapping disk and network
 FLAG_BULK = 1
+#: WRITE flags: a write of an O_DSYNC / O_SYNC application handle. The secondary makes it
+#: durable (``fdatasync`` / ``fsync`` of the file) before it answers, so the FSYNC the kernel
+#: sends after each such write needs no second round trip
+FLAG_DSYNC = 2
+FLAG_SYNC = 4
 
 # seq, op, flags, root, len(path), len(path2), len(data), a, b, c, d
 REQ = struct.Struct("!QBBHHHIqqqq")
@@ -273,6 +281,11 @@ def parent_of(path: bytes) -> bytes:
     """``a/b/c`` → ``a/b``; ``a`` → ``.``."""
     head, _, _ = path.rpartition(b"/")
     return head or b"."
+
+
+def is_within(path: bytes, top: bytes) -> bool:
+    """``path`` is ``top`` or below it (wire paths; ``.`` holds everything)."""
+    return top in (b".", path) or path.startswith(top + b"/")
 
 
 def pack_owner(uid: int, gid: int) -> int:
