@@ -240,10 +240,14 @@ class Replicator:
         self.events: list[dict[str, Any]] = []
         self._cond = threading.Condition()
         self._ids = 0
+        self._stdin = threading.Lock()
         threading.Thread(target=self._read, daemon=True).start()
         LIVE.add(self)
 
     def _read(self) -> None:
+        """Events in; each generation a primary reports is permitted at once, as by an agent
+        whose peer's agent is up (only the peer's replicator is killed here) and learns it
+        from the next heartbeat: without it, changes made alone wait for a permit, then EIO."""
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             ev = json.loads(line)
@@ -251,13 +255,17 @@ class Replicator:
             with self._cond:
                 self.events.append(ev)
                 self._cond.notify_all()
+            if ev.get("ev") == "record" and ev.get("generation"):
+                with contextlib.suppress(OSError, ValueError):
+                    self.send({"cmd": "permit", "generation": int(ev["generation"])})
 
     def send(self, cmd: dict[str, Any]) -> int:
-        self._ids += 1
-        assert self.proc.stdin is not None
-        self.proc.stdin.write((json.dumps({**cmd, "id": self._ids}) + "\n").encode())
-        self.proc.stdin.flush()
-        return self._ids
+        with self._stdin:  # the reader thread sends permits
+            self._ids += 1
+            assert self.proc.stdin is not None
+            self.proc.stdin.write((json.dumps({**cmd, "id": self._ids}) + "\n").encode())
+            self.proc.stdin.flush()
+            return self._ids
 
     def ready(self, timeout: float = 60.0) -> None:
         """Return once the process answers a ping (Python started, modules imported)."""
