@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from .conftest import Pair, assert_same_tree
@@ -165,12 +167,21 @@ def test_primary_replicator_killed_is_recovered_with_a_full_compare(pair: Pair) 
     _same(pair)
 
 
+@contextlib.contextmanager
+def _small_disk(pair: Pair, path: Path) -> Iterator[None]:
+    """A 2 MiB tmpfs at ``path`` (a node's replicated directory) for the body; at the end the
+    pair is closed (the replicators release it), then it is unmounted."""
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "hk-test-full", str(path)], check=True)
+    try:
+        yield
+    finally:
+        pair.close()
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
 def test_secondary_disk_full_primary_keeps_serving(pair: Pair) -> None:
     small = pair.b.data("two")
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "hk-test-full", str(small)], check=True
-    )
-    try:
+    with _small_disk(pair, small):
         pair.start()
         mark = pair.a.mark()
         payload = os.urandom(4 << 20)
@@ -184,9 +195,6 @@ def test_secondary_disk_full_primary_keeps_serving(pair: Pair) -> None:
         (pair.a.data("two") / "big").unlink()
         pair.a.wait_in_sync(timeout=120, since=mark)
         _same(pair)
-    finally:
-        pair.close()
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def test_primary_disk_full_a_failed_write_leaves_both_copies_equal(pair: Pair) -> None:
@@ -194,10 +202,7 @@ def test_primary_disk_full_a_failed_write_leaves_both_copies_equal(pair: Pair) -
     primary could not take is put back on the secondary from the primary's copy, and the
     pair stays in sync."""
     small = pair.a.data("two")
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "hk-test-full", str(small)], check=True
-    )
-    try:
+    with _small_disk(pair, small):
         pair.start()
         mark = pair.a.mark()
         path = small / "f"
@@ -225,9 +230,6 @@ def test_primary_disk_full_a_failed_write_leaves_both_copies_equal(pair: Pair) -
         assert pair.a.last_record().get("in_sync"), pair.a.events[mark:]
         (pair.a.data() / "after").write_text("still replicated")
         _same(pair)
-    finally:
-        pair.close()
-        subprocess.run(["umount", "-l", str(small)], check=False)
 
 
 def _compare(rep: object, what: str) -> dict[str, object]:
