@@ -392,3 +392,24 @@ def test_dsync_and_sync_writes_are_on_the_secondarys_disk_when_they_return(pair:
         finally:
             os.close(fd)
     assert_same_tree(pair.a.data(), pair.b.data())
+
+
+def test_fdatasync_after_a_write_through_another_hard_link_reaches_the_secondarys_disk(
+    pair: Pair,
+) -> None:
+    pair.start()
+    name, other = pair.a.data() / "f", pair.a.data() / "g"
+    name.write_bytes(b"x" * 8192)
+    os.link(name, other)
+    os.sync()
+    fd = os.open(name, os.O_WRONLY | os.O_DSYNC)
+    try:
+        os.pwrite(fd, b"synchronous", 0)  # durable on both when it returns
+        with other.open("r+b") as g:
+            g.write(b"through the other name")  # buffered: dirty on the secondary
+        assert dirty_pages(pair.b.data() / "f") > 0
+        os.fdatasync(fd)  # the same file: must flush what the other name wrote
+        assert dirty_pages(pair.b.data() / "f") == 0
+    finally:
+        os.close(fd)
+    assert_same_tree(pair.a.data(), pair.b.data())

@@ -348,8 +348,8 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
                 error = exc
             if n < len(data) and t is not None and t.pending is not None:
                 undo, drop = self._undo_write(rel, fh, offset + n, len(data) - n, t)
-            elif sync and n == len(data):
-                self._durable_last[rel] = (fh, sync)
+            elif sync and n == len(data) and os.fstat(fh).st_nlink == 1:
+                self._durable_last[rel] = (fh, sync)  # one name: no other path reaches it
         if drop is not None:
             drop.close(f"{rel!r}: this copy could not be read back after a failed write")
         if error is not None or n < len(data):
