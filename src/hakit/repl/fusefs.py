@@ -21,9 +21,9 @@ A WRITE on an O_SYNC/O_DSYNC handle is flagged (``FLAG_SYNC``/``FLAG_DSYNC``): t
 makes the file durable before it answers. It does not wait for that answer: the kernel sends
 an FSYNC before the application's ``write`` returns, and that FSYNC waits for both the local
 flush and the answer (so does the ``release`` of the handle, should no FSYNC come); when the
-flagged WRITE was the latest change of the file, that FSYNC does not go to the secondary at
-all. The application's ``write`` still returns only once the data is durable on both nodes,
-with one network round trip in all.
+flagged WRITE was the latest change of the file (and the file has one name), that FSYNC does
+not go to the secondary at all. The application's ``write`` still returns only once the data
+is durable on both nodes, with one network round trip in all.
 
 Caveats: ``RENAME_NOREPLACE`` and ``RENAME_EXCHANGE`` are honoured (renameat2); atime is
 not replicated; ctime cannot be set, so it differs between the copies.
