@@ -358,7 +358,7 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
             if error is not None:
                 raise error
             return n
-        if t is not None and fh in self._sync_fhs:
+        if t is not None and sync:
             with self._deferred_lock:
                 self._deferred.setdefault(fh, []).append(t)
         else:

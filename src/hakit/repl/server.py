@@ -20,12 +20,11 @@ Threads (no asyncio):
   thread receives the next one; the reply is queued once every piece is written (then the
   mtime is set, as for any WRITE). Nothing else is applied meanwhile. These large WRITEs —
   the resync's (``FLAG_BULK``), and the application's unless ``direct`` is off
-  (``large_writes = "cached"``) — are written with ``O_DIRECT``
-  where the file system allows it (aligned pieces; the unaligned tail and any refused piece
-  through the page cache): the disk works while the data arrives, instead of in a later
-  flush, no CPU goes to page copies, and the secondary's memory does not fill with a copy
-  nobody reads (it is read only after a failover, by a resync or by ``hakit verify``).
-  Smaller WRITEs go through the page cache.
+  (``large_writes = "cached"``) — are written with ``O_DIRECT`` where the file system allows
+  it (aligned pieces; the unaligned tail and any refused piece through the page cache): the
+  disk works while the data arrives, instead of in a later flush, no CPU goes to page copies,
+  and the secondary's memory does not fill with a copy nobody reads (it is read only after a
+  failover, by a resync or by ``hakit verify``). Smaller WRITEs go through the page cache.
 - a **flusher thread** per connection runs ``syncfs`` on the replicated file systems for
   SYNCFS requests (several waiting requests share one flush) and hands the replies back to
   the connection thread, which goes on applying meanwhile. A SYNCFS reply is only queued
