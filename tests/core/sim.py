@@ -18,7 +18,9 @@ invariant).
 ``pause(node)`` freezes a node's agent (SIGSTOP): no ticks, no heartbeats sent, script ends
 and everything received kept until ``resume``; its application, VIPs and replication process
 go on. The replication process's watchdog (``FenceAt``) removes the VIPs when its deadline
-passes and reports ``ReplicaFenced``.
+passes and reports ``ReplicaFenced``; and, with a witness, a replicated module's VIPs carry a
+lease held by the kernel (docs/split-brain.md): from ``AddVips`` to ``DelVips`` a VIP serves
+only until the latest ``FenceAt`` the agent executed, whatever runs or not on the node.
 
 Replicated modules (``replicated=True`` in a module's options) also get a simulated replication
 process per node (:class:`SimReplica`) that follows docs/replication.md: ``SetReplication``
@@ -106,6 +108,8 @@ class SimModule:
     script: tuple[str, float, bool] | None = None  # (name, done at, ok)
     app: bool = False
     vip: bool = False
+    lease_tables: bool = False  # the VIPs' lease is held in the kernel (from AddVips to DelVips)
+    kernel_deadline: float = 0.0  # the latest FenceAt the agent gave the kernel (0: none)
     ack: payload.Ack = field(default_factory=payload.Ack)
     replica: SimReplica | None = None  # replicated modules only
 
@@ -210,7 +214,8 @@ class SimCluster(SimClock):
         self.log(f"-- replication link of {module} repaired")
 
     def replica_dies(self, node: str, module: str = "app", restart_after: float = 0.5) -> None:
-        """The replication process dies; the driver restarts it (idle if it was primary)."""
+        """The replication process dies; the driver restarts it (idle if it was primary) once
+        the agent runs (a paused agent learns of the death when it resumes)."""
         n = self.nodes[node]
         rep = n.modules[ModuleName(module)].replica
         assert rep is not None
@@ -222,7 +227,11 @@ class SimCluster(SimClock):
         rep.connected = rep.in_sync = False
         rep.resync_done_at = None
         rep.down_until = self.now + restart_after
-        self._step(n, ModuleName(module), ReplicaFailed("process exited (killed)"))
+        failed = ReplicaFailed("process exited (killed)")
+        if n.paused:
+            n.backlog.append(lambda: self._step(n, ModuleName(module), failed))
+        else:
+            self._step(n, ModuleName(module), failed)
 
     # -------------------------------------------------------------- faults
     def cut(self, node: str) -> None:
@@ -282,7 +291,7 @@ class SimCluster(SimClock):
         n.powered = False
         n.paused, n.backlog = False, []
         for m in n.modules.values():
-            m.app = m.vip = False
+            m.app = m.vip = m.lease_tables = False
             m.script = None
             if m.replica is not None:  # the record and the copy are on disk
                 m.replica = SimReplica(m.replica.record, m.replica.data)
@@ -307,7 +316,8 @@ class SimCluster(SimClock):
         out = []
         for name, n in self.nodes.items():
             m = n.modules[ModuleName(module)]
-            serves = (m.app or m.vip) if self.witness is None else m.vip
+            vip = m.vip and not (m.lease_tables and self.now > m.kernel_deadline)
+            serves = (m.app or vip) if self.witness is None else vip
             if n.powered and serves:
                 out.append(name)
         return out
@@ -368,8 +378,9 @@ class SimCluster(SimClock):
                     self._set_replication(node, module, action)
                 case AddVips():
                     m.vip = True
+                    m.lease_tables = m.replica is not None and self.witness is not None
                 case DelVips():
-                    m.vip = False
+                    m.vip = m.lease_tables = False
                 case AnnounceVips():
                     self.log(f"{node.name} {module}: announces its VIP again")
                 case AskArbiters():
@@ -380,7 +391,7 @@ class SimCluster(SimClock):
                     m.replica.permitted = max(m.replica.permitted, generation)
                 case FenceAt(deadline=deadline):
                     assert m.replica is not None
-                    m.replica.fence_at = deadline
+                    m.replica.fence_at = m.kernel_deadline = deadline
                 case RunScript(script=script):
                     key = (node.name, module, script)
                     took = self.script_seconds.get(key, self.default_script_seconds)
@@ -456,7 +467,8 @@ class SimCluster(SimClock):
         for node in self.nodes.values():
             rep = node.modules[module].replica
             assert rep is not None
-            if node.powered and rep.down_until is not None and self.now >= rep.down_until:
+            up = node.powered and not node.paused  # the driver restarts it
+            if up and rep.down_until is not None and self.now >= rep.down_until:
                 rep.down_until = None  # restarted by the driver, in the role it had
                 self._report(node, module, "process restarted")
             if not node.powered or rep.role != ReplicaRole.PRIMARY:

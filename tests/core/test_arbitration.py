@@ -221,6 +221,9 @@ def _apply(c: SimCluster, kind: str, arg: object) -> None:
 @example(  # found by this test: both ran alone at one generation, the later lease must win
     ops=[("pause", "n1"), ("wait", 4.0), ("poweroff", "n2")]
 )
+@example(  # found by this test: the watchdog died with the replicator while the agent slept
+    ops=[("pause", "n1"), ("replica_dies", "n1"), ("wait", 4.0)]
+)
 @given(ops=st.lists(faults, max_size=20))
 def test_random_faults_with_a_witness_never_two_serving_never_a_lost_write(
     ops: list[tuple[str, object]],

@@ -6,14 +6,17 @@ these tests are NOT marked ``split_brain``).
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import pytest
 
-from hakit.lab import agents, faults
+from hakit.lab import agents, chaos, faults, netns
 from hakit.lab.lab import Lab
+from hakit.net import vip_fence
 
-from .labkit import MODULE, LabSpec, log_marks, log_since, vip_on
+from .labkit import MODULE, VIP, LabSpec, log_marks, log_since, vip_on
 from .test_replication_lab import Writer, records
 
 pytestmark = [pytest.mark.integration, pytest.mark.lab(profile="fast", witness=True)]
@@ -100,4 +103,46 @@ def test_a_paused_primary_agent_does_not_serve_again_when_it_resumes(lab: Lab) -
     moves = [line for line in log_since(lab, marks)[prim] if " -> " in line]
     assert moves and "fencing" in moves[0], moves[:5]
     new_prim, _ = finish(lab, writer)
+    assert new_prim == second
+
+
+def reaches_own_vip(lab: Lab, node: str) -> bool:
+    """The demo application of ``node`` answers through the VIP, asked from ``node`` itself
+    (packets that never leave its namespace: only its own kernel can stop them)."""
+    url = f"http://{VIP}:8080/"
+    argv = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--max-time", "1", url]
+    return lab.run_in(node, argv, timeout=10).stdout.strip() == "200"
+
+
+def test_a_paused_primary_whose_replicator_died_stops_serving_at_its_lease_deadline(
+    lab: Lab,
+) -> None:
+    """SIGSTOP of the agent, then SIGKILL of the replication process (whose watchdog would
+    have removed the VIP): nothing of hakit runs on the primary any more, its application
+    and its VIP address stay. The lease held in the kernel must cut the VIP off anyway."""
+    prim, second = agents.wait_pair(lab, MODULE)
+    assert reaches_own_vip(lab, prim), "the primary's application does not answer on the VIP"
+    table = vip_fence.table_name(MODULE)
+    faults.pause(lab, prim)
+    try:
+        pid = chaos.replicator_pid(lab, prim)
+        assert pid is not None, f"no replication process on {prim}"
+        os.kill(pid, signal.SIGKILL)
+        agents.wait_for(f"pid {pid} to die", lambda: not netns.pid_alive(pid), timeout=5)
+        agents.wait_states(lab, MODULE, {second: "ALONE"}, timeout=20)
+        assert vip_on(lab, prim), "test premise: nothing could remove the paused node's VIP"
+        assert not reaches_own_vip(lab, prim), f"{prim} still serves on the VIP"
+        live = lab.run_in(prim, ["nft", "list", "set", "inet", table, "live4"], check=True)
+        assert VIP not in live.stdout, live.stdout
+        assert reaches_own_vip(lab, second), f"{second} does not serve on the VIP"
+    finally:
+        faults.resume(lab, prim)
+    # once it runs again it fences, removes the address and the tables
+    agents.wait_for(f"{prim} to drop the VIP", lambda: not vip_on(lab, prim), timeout=10)
+    agents.wait_for(
+        f"{prim} to remove its lease tables",
+        lambda: table not in lab.run_in(prim, ["nft", "list", "tables"], check=True).stdout,
+        timeout=10,
+    )
+    new_prim, _ = agents.wait_pair(lab, MODULE, timeout=40)
     assert new_prim == second

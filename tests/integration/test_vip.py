@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from hakit.net import vip_fence
 from hakit.system.run import run
 
 pytestmark = [
@@ -201,3 +202,60 @@ def test_errors_name_the_interface_and_the_address() -> None:
     assert "veth0" in str(result["bad_cidr"])
     assert "not implemented" in str(result["ipv6"])
     assert "'lo' is not an Ethernet interface" in str(result["not_ethernet"])
+
+
+def reachable_from_b() -> bool:
+    """The VIP answers a ping from b, b resolving it by ARP afresh."""
+    run(["ip", "-n", NS_B, "neigh", "flush", "dev", "veth0"])
+    done = run(["ip", "netns", "exec", NS_B, "ping", "-c", "1", "-W", "1", VIP], check=False)
+    return done.ok
+
+
+def nft_in_a(script: str) -> None:
+    run(["ip", "netns", "exec", NS_A, "nft", script])
+
+
+def test_kernel_lease_passes_vip_traffic_only_until_its_deadline() -> None:
+    """hakit.net.vip_fence in a real kernel: the VIP answers (ARP and ping) while its lease
+    runs, not after it, again once renewed; removal gives plain traffic back, twice over."""
+    if shutil.which("nft") is None:
+        pytest.skip("nftables `nft` is not installed")
+    cidr = f"{VIP}/24"
+    nft_in_a(vip_fence.install_script("m-1", [cidr], 1500))
+    run(["ip", "-n", NS_A, "addr", "replace", cidr, "dev", "veth0"])
+    try:
+        assert reachable_from_b(), "the VIP does not answer while its lease runs"
+        time.sleep(1.6)
+        assert not reachable_from_b(), "the VIP still answers after its lease ran out"
+        neighbour = neighbour_in_b()
+        assert neighbour in (None, "None"), f"a's kernel answered ARP for the VIP: {neighbour}"
+        nft_in_a(vip_fence.renew_script("m-1", [cidr], 5000))
+        assert reachable_from_b(), "the VIP does not answer after a renewal"
+        nft_in_a(vip_fence.renew_script("m-1", [cidr], 0))
+        assert not reachable_from_b(), "a lease renewed with no time left lets traffic pass"
+        nft_in_a(vip_fence.remove_script("m-1"))
+        nft_in_a(vip_fence.remove_script("m-1"))  # absent tables: no error
+        assert reachable_from_b(), "the VIP does not answer once the lease tables are gone"
+        listed = run(["ip", "netns", "exec", NS_A, "nft", "list", "tables"]).stdout
+        assert vip_fence.table_name("m-1") not in listed
+    finally:
+        run(["ip", "-n", NS_A, "addr", "del", cidr, "dev", "veth0"], check=False)
+        nft_in_a(vip_fence.remove_script("m-1"))
+
+
+def test_kernel_lease_refused_script_names_nft_error() -> None:
+    if shutil.which("nft") is None:
+        pytest.skip("nftables `nft` is not installed")
+    result = in_ns_a(
+        """
+        import asyncio, json
+        from hakit.errors import CommandError
+        from hakit.net import vip_fence
+        try:
+            asyncio.run(vip_fence.apply(vip_fence.renew_script("absent", ["192.0.2.9"], 100)))
+            print(json.dumps({"error": None}))
+        except CommandError as exc:
+            print(json.dumps({"error": str(exc)}))
+        """
+    )
+    assert "No such file or directory" in str(result["error"]), result

@@ -9,9 +9,13 @@ Arbitration: ``AskArbiters`` sends one request per arbiter in its own task (the 
 waits for an arbiter); each answer is stepped as ``ArbiterAnswered``. ``PermitAlone`` is passed
 to the replicator at once.
 
-Caveats: a VIP that cannot be removed is logged as an error; the module goes on. A paused agent
-(SIGSTOP) cannot remove its VIPs itself: the replicator's watchdog (``FenceAt``) does, for
-replicated modules; a non-replicated module's VIPs stay until the agent runs again and fences.
+Fencing without the agent: with an arbiter, a replicated module's VIPs are guarded by a lease
+held in the kernel (:mod:`hakit.agent.vip_lease`), installed before they are added and renewed
+at every ``FenceAt``; the replicator's watchdog also removes them at that deadline. So a paused
+(SIGSTOP) or stuck agent stops serving at the deadline even if the replication process died.
+
+Caveats: a VIP that cannot be removed is logged as an error; the module goes on. A
+non-replicated module's VIPs stay until the agent runs again and fences.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from hakit.agent import arbiters
 from hakit.agent.replica_proc import ReplicaProcess
 from hakit.agent.runner_base import Batch, RunnerBase
 from hakit.agent.store import Store
+from hakit.agent.vip_lease import KernelLease
 from hakit.config import Config, Module
 from hakit.core.actions import (
     Action,
@@ -50,8 +55,9 @@ from hakit.core.events import (
 from hakit.core.freshness import DataRecord, DataState
 from hakit.core.mirror import Durable, MirrorMachine, MirrorSettings, Status
 from hakit.core.payload import Ack
+from hakit.errors import HakitError
 from hakit.model import NodeId, State
-from hakit.net import NetError
+from hakit.net import NetError, vip_fence
 from hakit.net.vip import add_vip_async, announce, del_vip_async
 from hakit.repl import record as data_records
 
@@ -126,16 +132,25 @@ class ModuleRunner(RunnerBase):
                 on_failed=self._replica_failed,
                 on_fenced=self._replica_fenced,
             )
+        self.kernel_lease: KernelLease | None = None
+        if module.replicated and settings.arbitration.enabled and cfg.vips:
+            addresses = [vip.address for vip in cfg.vips]
+            self.kernel_lease = KernelLease(module.name, addresses, clock, self.note)
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Remove VIPs left by a crash or power loss, then start the worker."""
+        """Remove VIPs left by a crash or power loss, then their lease tables (whatever the
+        configuration says now), then start the worker."""
         for vip in self.module.config.vips:
             try:
                 if await del_vip_async(vip.interface, vip.address):
                     self.note(f"removed VIP {vip.address} left on {vip.interface} (agent start)")
             except NetError as exc:
                 self.note(f"cannot check VIP {vip.address} on {vip.interface}: {exc}", error=True)
+        try:
+            await vip_fence.remove(self.name)
+        except HakitError as exc:
+            self.note(f"cannot remove the VIP lease tables: {exc}", error=True)
         self._start_worker()
 
     async def close(self) -> None:
@@ -155,6 +170,8 @@ class ModuleRunner(RunnerBase):
             if isinstance(action, FenceAt):
                 if self.replica is not None:
                     self.replica.fence_at(action.deadline)
+                if self.kernel_lease is not None:
+                    self.kernel_lease.renew(action.deadline)
             elif isinstance(action, AskArbiters) and action.op == "acquire":
                 self._ask_all(action)
             else:
@@ -215,6 +232,12 @@ class ModuleRunner(RunnerBase):
                 self._launch_script(action.script, action.transition)
 
     async def _add_vips(self, batch: Batch) -> None:
+        if self.kernel_lease is not None:
+            failure = await self.kernel_lease.install()
+            if failure is not None:
+                self.vip_failure = failure
+                self.note(failure, error=True)
+                return
         for vip in self.module.config.vips:
             try:
                 added = await add_vip_async(vip.interface, vip.address)
@@ -331,6 +354,8 @@ class ModuleRunner(RunnerBase):
                     self.note(f"VIP {vip.address} removed from {vip.interface}")
             except NetError as exc:
                 self.note(f"VIP {vip.address} could not be removed: {exc}", error=True)
+        if self.kernel_lease is not None and self.kernel_lease.installed:
+            await self.kernel_lease.remove()
 
     def _script_env(self) -> dict[str, str]:
         return {"HAKIT_PEER": self.peer}

@@ -13,12 +13,17 @@ Modules:
 - :mod:`hakit.net.farm` — the farm data path: nftables bucket filter, VIP on ``lo``, sysctls,
   promiscuous mode, crash-safe set-up and tear-down.
 - :mod:`hakit.net.arp_responder` — the farm's ARP responder thread.
+- :mod:`hakit.net.vip_fence` — the kernel's half of a mirror module's lease: nftables
+  tables that let VIP traffic through only until a deadline.
 
-This package module only defines the shared errors, so that submodules can import them
-without import cycles; it re-exports nothing.
+This package module only defines the shared errors and the naming rule of hakit's nftables
+tables, so that submodules can import them without import cycles; it re-exports nothing.
 """
 
 from __future__ import annotations
+
+import re
+import zlib
 
 from hakit.errors import HakitError
 
@@ -29,3 +34,15 @@ class NetError(HakitError):
 
 class FarmError(NetError):
     """The farm data path could not be set up, changed or read."""
+
+
+def nft_table_name(prefix: str, module: str) -> str:
+    """Name of one of a module's nft tables: ``<prefix>_<module>``.
+
+    Characters other than ``[A-Za-z0-9_]`` become ``_``; when any was replaced, a CRC of the
+    original name is appended so that ``web-1`` and ``web_1`` get different tables.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", module)
+    if safe != module:
+        safe += f"_{zlib.crc32(module.encode()):08x}"
+    return f"{prefix}_{safe}"

@@ -72,7 +72,6 @@ import logging
 import re
 import socket
 import threading
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +79,7 @@ from typing import Any, Literal
 
 from hakit.errors import CommandError
 from hakit.net import FarmError as FarmError  # noqa: PLC0414 (re-exported)
+from hakit.net import nft_table_name
 from hakit.net.arp import (
     mac_to_str,
     virtual_mac,
@@ -169,15 +169,9 @@ class FarmSpec:
 
 
 def table_name(module: str) -> str:
-    """Name of the module's nft tables (netdev and inet): ``hakit_farm_<module>``.
-
-    Characters other than ``[A-Za-z0-9_]`` become ``_``; when any was replaced, a CRC of the
-    original name is appended so that ``web-1`` and ``web_1`` get different tables.
-    """
-    safe = re.sub(r"[^A-Za-z0-9_]", "_", module)
-    if safe != module:
-        safe += f"_{zlib.crc32(module.encode()):08x}"
-    return f"hakit_farm_{safe}"
+    """Name of the module's nft tables (netdev and inet): ``hakit_farm_<module>`` (see
+    :func:`hakit.net.nft_table_name`)."""
+    return nft_table_name("hakit_farm", module)
 
 
 def client_bucket(
