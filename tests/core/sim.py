@@ -18,7 +18,7 @@ invariant).
 ``pause(node)`` freezes a node's agent (SIGSTOP): no ticks, no heartbeats sent, script ends
 and everything received kept until ``resume``; its application, VIPs and replication process
 go on. The replication process's watchdog (``FenceAt``) removes the VIPs when its deadline
-passes and reports ``ReplicaFenced``; and, with a witness, a replicated module's VIPs carry a
+passes and reports ``ReplicaFenced``; and, with a witness, every module's VIPs carry a
 lease held by the kernel (docs/split-brain.md): from ``AddVips`` to ``DelVips`` a VIP serves
 only until the latest ``FenceAt`` the agent executed, whatever runs or not on the node.
 
@@ -378,7 +378,7 @@ class SimCluster(SimClock):
                     self._set_replication(node, module, action)
                 case AddVips():
                     m.vip = True
-                    m.lease_tables = m.replica is not None and self.witness is not None
+                    m.lease_tables = self.witness is not None
                 case DelVips():
                     m.vip = m.lease_tables = False
                 case AnnounceVips():
@@ -390,8 +390,9 @@ class SimCluster(SimClock):
                     assert m.replica is not None
                     m.replica.permitted = max(m.replica.permitted, generation)
                 case FenceAt(deadline=deadline):
-                    assert m.replica is not None
-                    m.replica.fence_at = m.kernel_deadline = deadline
+                    if m.replica is not None:
+                        m.replica.fence_at = deadline
+                    m.kernel_deadline = deadline
                 case RunScript(script=script):
                     key = (node.name, module, script)
                     took = self.script_seconds.get(key, self.default_script_seconds)

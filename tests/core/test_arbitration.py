@@ -233,3 +233,42 @@ def test_random_faults_with_a_witness_never_two_serving_never_a_lost_write(
         _apply(c, kind, arg)
         c.run(0.05)
     c.recover_all()
+
+
+plain_faults = st.one_of(
+    st.tuples(st.sampled_from(["poweroff", "poweron", "cut", "cut_witness", "pause"]), nodes),
+    st.tuples(st.just("resume"), nodes),
+    st.tuples(st.just("witness_down"), st.booleans()),
+    st.tuples(st.just("heal"), st.none()),
+    st.tuples(st.just("cmd"), st.tuples(nodes, st.sampled_from([Verb.SWAP, Verb.STOPSTART]))),
+    st.tuples(st.just("wait"), st.floats(0.0, 6.0)),
+)
+
+
+def test_a_paused_agent_without_replication_stops_serving_at_its_kernel_lease() -> None:
+    """No replication process, so no watchdog process: only the VIPs' lease held by the
+    kernel stops the paused primary serving before its peer takes over."""
+    c = started(SimCluster(witness=LEASE))
+    c.pause("n1")
+    c.run_until(lambda: c.state("n2") == A, limit=10)
+    assert c.serving() == ["n2"]
+    assert c.nodes["n1"].modules["app"].vip, "the paused agent could not remove its VIP"
+    c.resume("n1")
+    c.run_until(lambda: c.states() == (S, A) or c.states() == (S, P), limit=15)
+
+
+@settings(
+    max_examples=int(os.environ.get("HAKIT_EXAMPLES", "120")) // 2,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+@example(ops=[("pause", "n1"), ("wait", 4.0), ("resume", "n1"), ("wait", 2.0)])
+@given(ops=st.lists(plain_faults, max_size=20))
+def test_random_faults_with_a_witness_without_replication_never_two_serving(
+    ops: list[tuple[str, object]],
+) -> None:
+    c = started(SimCluster(witness=LEASE))
+    for kind, arg in ops:
+        _apply(c, kind, arg)
+        c.run(0.05)
+    c.recover_all()

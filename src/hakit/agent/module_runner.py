@@ -9,13 +9,13 @@ Arbitration: ``AskArbiters`` sends one request per arbiter in its own task (the 
 waits for an arbiter); each answer is stepped as ``ArbiterAnswered``. ``PermitAlone`` is passed
 to the replicator at once.
 
-Fencing without the agent: with an arbiter, a replicated module's VIPs are guarded by a lease
-held in the kernel (:mod:`hakit.agent.vip_lease`), installed before they are added and renewed
-at every ``FenceAt``; the replicator's watchdog also removes them at that deadline. So a paused
-(SIGSTOP) or stuck agent stops serving at the deadline even if the replication process died.
+Fencing without the agent: with an arbiter, a module's VIPs are guarded by a lease held in the
+kernel (:mod:`hakit.agent.vip_lease`), installed before they are added and renewed at every
+``FenceAt``; a replicated module's replicator also removes them at that deadline (its
+watchdog). So a paused (SIGSTOP) or stuck agent stops serving at the deadline, even if the
+replication process died.
 
-Caveats: a VIP that cannot be removed is logged as an error; the module goes on. A
-non-replicated module's VIPs stay until the agent runs again and fences.
+Caveats: a VIP that cannot be removed is logged as an error; the module goes on.
 """
 
 from __future__ import annotations
@@ -133,7 +133,7 @@ class ModuleRunner(RunnerBase):
                 on_fenced=self._replica_fenced,
             )
         self.kernel_lease: KernelLease | None = None
-        if module.replicated and settings.arbitration.enabled and cfg.vips:
+        if settings.arbitration.enabled and cfg.vips:
             addresses = [vip.address for vip in cfg.vips]
             self.kernel_lease = KernelLease(module.name, addresses, clock, self.note)
 

@@ -156,9 +156,11 @@ class PermitAlone:
 
 @dataclass(frozen=True)
 class FenceAt:
-    """The primary's replication process removes the module's VIPs by itself at ``deadline``
-    (the clock of ``now``; 0: never) unless a later one arrives: a watchdog that does not
-    depend on this agent running. The driver sends it at once, not after queued actions."""
+    """At ``deadline`` (the clock of ``now``; 0: never), unless a later one arrives, the
+    module's VIPs stop serving without this agent: the primary's replication process removes
+    them, and the kernel drops their traffic (the VIPs' lease, :mod:`hakit.net.vip_fence`;
+    also for modules without replication). The driver sends it at once, not after queued
+    actions."""
 
     deadline: float
 

@@ -49,12 +49,15 @@ def arbitrate(m: MirrorMachine, now: float, actions: list[Action]) -> None:
             extra.append(PermitAlone(generation))
         if arb.enabled:
             _watchdog(m, extra)
+    elif arb.enabled and not m.settings.replicated and m.claims_primary:
+        _watchdog(m, extra)  # no replication process: the deadline of the kernel's VIP lease
     at = next((i for i, a in enumerate(actions) if isinstance(a, RunScript)), len(actions))
     actions[at:at] = extra
 
 
 def _watchdog(m: MirrorMachine, extra: list[Action]) -> None:
-    """Keep the replication process's watchdog (FenceAt) just after the moment this node
+    """Keep the watchdogs that do not need this agent (FenceAt: the replication process's, and
+    the VIPs' lease held by the kernel) just after the moment this node
     would fence itself if nothing more came — the lease's end, or, with a peer that does not
     claim the role, a later silence of the peer — plus ``grace`` (half the smaller of margin
     and silence: still before the peer can start, see docs/split-brain.md), so that a
