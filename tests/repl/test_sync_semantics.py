@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -413,3 +414,44 @@ def test_fdatasync_after_a_write_through_another_hard_link_reaches_the_secondary
     finally:
         os.close(fd)
     assert_same_tree(pair.a.data(), pair.b.data())
+
+
+def test_created_files_have_the_same_owner_and_mode_on_both_copies(pair: Pair) -> None:
+    """The CREATE goes out before the local file exists, with the mode asked for and the
+    caller as owner; where the kernel decides otherwise here, both copies must still agree: a
+    set-group-id directory gives its group, and a chown to a non-root caller clears set-id
+    bits."""
+    pair.start()
+    top = pair.a.data()
+    shared = top / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, 4242)
+    shared.chmod(0o2777)
+    (shared / "by-root").write_bytes(b"x")
+    assert (shared / "by-root").stat().st_gid == 4242, "the kernel's set-group-id rule"
+    _create_as(1000, 1000, shared / "by-user", 0o6755)
+    st = (shared / "by-user").stat()
+    assert (st.st_uid, st.st_gid) == (1000, 4242), "the caller, with the directory's group"
+    assert stat.S_IMODE(st.st_mode) != 0o6755, "test premise: the kernel changed the mode"
+    assert_same_tree(pair.a.data(), pair.b.data())
+    with pytest.raises(FileExistsError):
+        os.close(os.open(shared / "by-root", os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+    assert_same_tree(pair.a.data(), pair.b.data())
+
+
+def _create_as(uid: int, gid: int, path: Path, mode: int) -> None:
+    """Create ``path`` (O_EXCL, umask 0) from a child process running as ``uid``:``gid``."""
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        code = 1
+        try:
+            os.setgroups([])
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            os.umask(0)
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, f"creating {path} as {uid}:{gid} failed"

@@ -34,6 +34,7 @@ from __future__ import annotations
 import _thread
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import stat
@@ -80,6 +81,7 @@ _STATFS_KEYS = (
     "f_namemax",
 )
 _DROP_FLAGS = os.O_SYNC | os.O_DSYNC | getattr(os, "O_DIRECT", 0)
+log = logging.getLogger(__name__)
 _NS = 1_000_000_000
 RENAME_NOREPLACE = 1
 
@@ -205,9 +207,19 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         uid, gid, _ = fuse_get_context()
         return uid, gid
 
-    def _own(self, rel: bytes, fd: int | None = None) -> int:
-        """New objects belong to the caller, not to the (root) daemon; returns the owner."""
+    def _owner_for(self, rel: bytes) -> tuple[int, int]:
+        """Owner of a new object at ``rel``: the caller, as if it had made the object itself
+        — with the directory's group if the directory is set-group-id."""
         uid, gid = self._caller()
+        parent = os.stat(p.parent_of(rel), dir_fd=self.fd, follow_symlinks=False)
+        if parent.st_mode & stat.S_ISGID:
+            gid = parent.st_gid
+        return uid, gid
+
+    def _own(self, rel: bytes, fd: int | None = None, owner: tuple[int, int] | None = None) -> int:
+        """New objects belong to the caller, not to the (root) daemon (:meth:`_owner_for`,
+        unless ``owner`` is given); returns the owner."""
+        uid, gid = owner or self._owner_for(rel)
         if (uid, gid) != self.me:
             if fd is not None:
                 os.fchown(fd, uid, gid)
@@ -297,22 +309,54 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
 
     # ------------------------------------------------------------------ data
     def create(self, path: str, mode: int, flags: int) -> int:
+        """Like :meth:`write`, the CREATE goes to the secondary *before* the local file is
+        created, both under the order lock, so the two creations run at the same time. What
+        the CREATE says is chosen first: the mode asked for (the process's umask is 0), the
+        owner (:meth:`_owner_for`), one timestamp as the file's and its directory's mtime (set
+        here too). Should this copy end up with another mode or owner (the chown to a caller
+        clears set-id bits), a CHMOD/CHOWN follows; should the local creation fail, an UNLINK
+        takes it back on the secondary — both before returning.
+
+        The kernel asks to create only names its lookup did not find, and holds the
+        directory's lock meanwhile; a name that exists anyway (made beside the mount, through
+        a descriptor opened before it) is opened as it is, never created again."""
         rel = self._rel(path)
+        try:
+            os.stat(rel, dir_fd=self.fd, follow_symlinks=False)
+        except FileNotFoundError:
+            pass
+        else:
+            log.warning("create of %r, which exists already: opened as it is", rel)
+            if flags & os.O_EXCL:
+                raise FuseOSError(errno.EEXIST)
+            return self.open(path, flags & ~os.O_CREAT)
+        parent = p.parent_of(rel)
+        uid, gid = self._owner_for(rel)
+        want = stat.S_IMODE(mode)
+        tickets: list[Ticket | None] = []
         with self.repl.order:
-            fd = os.open(rel, (flags & ~_DROP_FLAGS) | os.O_CREAT, mode, dir_fd=self.fd)
-            owner = self._own(rel, fd)
+            now = time.time_ns()
+            owner = p.pack_owner(uid, gid)
+            tickets.append(self._send(p.Request(p.Op.CREATE, rel, a=want, b=now, c=owner, d=now)))
+            try:
+                fd = os.open(rel, (flags & ~_DROP_FLAGS) | os.O_CREAT, mode, dir_fd=self.fd)
+            except OSError:
+                undo = p.Request(p.Op.UNLINK, rel, d=self._mtime(parent))
+                tickets.append(self._send(undo))
+                for ticket in tickets:
+                    self.repl.finish(ticket)
+                raise
+            self._own(rel, fd, (uid, gid))
+            set_times(fd, None, p.KEEP, now)
+            set_times(self.fd, parent, p.KEEP, now)
             st = os.fstat(fd)
-            t = self._send(
-                p.Request(
-                    p.Op.CREATE,
-                    rel,
-                    a=stat.S_IMODE(st.st_mode),
-                    b=st.st_mtime_ns,
-                    c=owner,
-                    d=self._mtime(p.parent_of(rel)),
-                )
-            )
-        self.repl.finish(t)
+            if (st.st_uid, st.st_gid) != (uid, gid):
+                chown = p.Request(p.Op.CHOWN, rel, c=p.pack_owner(st.st_uid, st.st_gid))
+                tickets.append(self._send(chown))
+            if stat.S_IMODE(st.st_mode) != want:
+                tickets.append(self._send(p.Request(p.Op.CHMOD, rel, a=stat.S_IMODE(st.st_mode))))
+        for ticket in tickets:
+            self.repl.finish(ticket)
         return self._opened(fd, flags)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
