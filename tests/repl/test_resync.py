@@ -168,10 +168,10 @@ def test_primary_replicator_killed_is_recovered_with_a_full_compare(pair: Pair) 
 
 
 @contextlib.contextmanager
-def _small_disk(pair: Pair, path: Path) -> Iterator[None]:
+def _small_disk(pair: Pair, path: Path, options: str = "size=2m") -> Iterator[None]:
     """A 2 MiB tmpfs at ``path`` (a node's replicated directory) for the body; at the end the
     pair is closed (the replicators release it), then it is unmounted."""
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "hk-test-full", str(path)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", options, "hk-test-full", str(path)], check=True)
     try:
         yield
     finally:
@@ -195,6 +195,30 @@ def test_secondary_disk_full_primary_keeps_serving(pair: Pair) -> None:
         (pair.a.data("two") / "big").unlink()
         pair.a.wait_in_sync(timeout=120, since=mark)
         _same(pair)
+
+
+def test_primary_out_of_inodes_a_failed_create_is_taken_back_on_the_secondary(
+    pair: Pair,
+) -> None:
+    """The CREATE reaches the secondary before the primary creates its own file: when that
+    fails, the secondary's new file is removed again and the pair stays in sync."""
+    small = pair.a.data("two")
+    with _small_disk(pair, small, "size=2m,nr_inodes=6"):
+        pair.start()
+        mark = pair.a.mark()
+        made, failure = 0, None
+        while failure is None and made < 50:
+            try:
+                (small / f"f{made}").write_bytes(b"x")
+            except OSError as exc:
+                failure = exc
+            else:
+                made += 1
+        assert failure is not None and failure.errno == errno.ENOSPC, failure
+        assert made > 0
+        assert not (pair.b.data("two") / f"f{made}").exists()
+        _same(pair)
+        assert pair.a.last_record().get("in_sync"), pair.a.events[mark:]
 
 
 def test_primary_disk_full_a_failed_write_leaves_both_copies_equal(pair: Pair) -> None:
