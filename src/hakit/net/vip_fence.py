@@ -32,6 +32,7 @@ renewal is an ``nft`` process: the deadline the kernel holds is late by that pro
 from __future__ import annotations
 
 import ipaddress
+import shutil
 from collections.abc import Iterable
 
 from hakit.errors import CommandError
@@ -131,9 +132,13 @@ def remove_script(module: str) -> str:
 
 
 async def apply(script: str) -> None:
-    """Run ``script`` as one nft transaction; CommandError with nft's message if refused."""
+    """Run ``script`` as one nft transaction; CommandError with nft's message if refused, or
+    naming the package if nft is not installed."""
     argv = ["nft", script]
-    done = await run_async(argv, timeout=NFT_TIMEOUT)
+    try:
+        done = await run_async(argv, timeout=NFT_TIMEOUT)
+    except OSError as exc:
+        raise CommandError(["nft"], 127, f"{exc} (install the nftables package)") from None
     if not done.ok:
         errors = [line.strip() for line in done.stderr.splitlines() if "Error:" in line]
         raise CommandError(
@@ -142,5 +147,8 @@ async def apply(script: str) -> None:
 
 
 async def remove(module: str) -> None:
-    """Delete the module's fence tables (nothing to do if they are absent)."""
+    """Delete the module's fence tables (nothing to do if they are absent, or if nft is not
+    installed: then no table can have been made)."""
+    if shutil.which("nft") is None:
+        return
     await apply(remove_script(module))
