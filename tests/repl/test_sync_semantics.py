@@ -16,6 +16,7 @@ import os
 import stat
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -441,6 +442,11 @@ def test_created_files_have_the_same_owner_and_mode_on_both_copies(pair: Pair) -
 
 def _create_as(uid: int, gid: int, path: Path, mode: int) -> None:
     """Create ``path`` (O_EXCL, umask 0) from a child process running as ``uid``:``gid``."""
+    _as_user(uid, gid, lambda: os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)))
+
+
+def _as_user(uid: int, gid: int, action: Callable[[], object]) -> None:
+    """Run ``action`` in a child process running as ``uid``:``gid`` with umask 0."""
     pid = os.fork()
     if pid == 0:  # the child: only system calls, then _exit
         code = 1
@@ -449,9 +455,32 @@ def _create_as(uid: int, gid: int, path: Path, mode: int) -> None:
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
             os.umask(0)
-            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode))
+            action()
             code = 0
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, f"creating {path} as {uid}:{gid} failed"
+    assert os.waitstatus_to_exitcode(status) == 0, f"{action} as {uid}:{gid} failed"
+
+
+def test_a_write_by_the_non_root_owner_clears_set_id_bits_on_both_copies(pair: Pair) -> None:
+    """As on a local file system: the bits go when an unprivileged process writes."""
+    pair.start()
+    top = pair.a.data() / "open"
+    top.mkdir()
+    top.chmod(0o777)
+    path = top / "tool"
+
+    def make_and_write() -> None:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o755))
+        os.chmod(path, 0o6755)
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o6755
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, b"changed")
+        finally:
+            os.close(fd)
+
+    _as_user(1000, 1000, make_and_write)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o755
+    assert_same_tree(pair.a.data(), pair.b.data())
