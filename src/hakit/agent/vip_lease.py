@@ -20,14 +20,11 @@ deadline and fences the VIPs at it (fail closed).
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from collections.abc import Callable
 
 from hakit.errors import HakitError
 from hakit.net import vip_fence
-
-log = logging.getLogger(__name__)
 
 
 class KernelLease:

@@ -47,10 +47,10 @@ def arbitrate(m: MirrorMachine, now: float, actions: list[Action]) -> None:
         if known and generation > m.permitted:
             m.permitted = generation
             extra.append(PermitAlone(generation))
-        if arb.enabled:
-            _watchdog(m, extra)
-    elif arb.enabled and not m.settings.replicated and m.claims_primary:
-        _watchdog(m, extra)  # no replication process: the deadline of the kernel's VIP lease
+    # a replicated module's watchdogs run from its replication process's primary role on;
+    # without replication only the kernel's VIP lease, while the node claims the role
+    if arb.enabled and (primary_role if m.settings.replicated else m.claims_primary):
+        _watchdog(m, extra)
     at = next((i for i, a in enumerate(actions) if isinstance(a, RunScript)), len(actions))
     actions[at:at] = extra
 

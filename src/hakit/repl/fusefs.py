@@ -334,29 +334,31 @@ class ReplicatedFs(Operations):  # type: ignore[misc]
         uid, gid = self._owner_for(rel)
         want = stat.S_IMODE(mode)
         tickets: list[Ticket | None] = []
+        error: OSError | None = None
         with self.repl.order:
             now = time.time_ns()
             owner = p.pack_owner(uid, gid)
             tickets.append(self._send(p.Request(p.Op.CREATE, rel, a=want, b=now, c=owner, d=now)))
             try:
                 fd = os.open(rel, (flags & ~_DROP_FLAGS) | os.O_CREAT, mode, dir_fd=self.fd)
-            except OSError:
-                undo = p.Request(p.Op.UNLINK, rel, d=self._mtime(parent))
-                tickets.append(self._send(undo))
-                for ticket in tickets:
-                    self.repl.finish(ticket)
-                raise
-            self._own(rel, fd, (uid, gid))
-            set_times(fd, None, p.KEEP, now)
-            set_times(self.fd, parent, p.KEEP, now)
-            st = os.fstat(fd)
-            if (st.st_uid, st.st_gid) != (uid, gid):
-                chown = p.Request(p.Op.CHOWN, rel, c=p.pack_owner(st.st_uid, st.st_gid))
-                tickets.append(self._send(chown))
-            if stat.S_IMODE(st.st_mode) != want:
-                tickets.append(self._send(p.Request(p.Op.CHMOD, rel, a=stat.S_IMODE(st.st_mode))))
-        for ticket in tickets:
+            except OSError as exc:
+                error = exc
+                tickets.append(self._send(p.Request(p.Op.UNLINK, rel, d=self._mtime(parent))))
+            else:
+                self._own(rel, fd, (uid, gid))
+                set_times(fd, None, p.KEEP, now)
+                set_times(self.fd, parent, p.KEEP, now)
+                st = os.fstat(fd)
+                if (st.st_uid, st.st_gid) != (uid, gid):
+                    chown = p.Request(p.Op.CHOWN, rel, c=p.pack_owner(st.st_uid, st.st_gid))
+                    tickets.append(self._send(chown))
+                if stat.S_IMODE(st.st_mode) != want:
+                    chmod = p.Request(p.Op.CHMOD, rel, a=stat.S_IMODE(st.st_mode))
+                    tickets.append(self._send(chmod))
+        for ticket in tickets:  # waited for outside the order lock, as every change
             self.repl.finish(ticket)
+        if error is not None:
+            raise error
         return self._opened(fd, flags)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
